@@ -1,0 +1,315 @@
+"""``init_model``: every way a user names starting weights, loaded strictly and safely.
+
+``from_weight`` is one of
+  none                         random init (MiniMind's default sizes unless given)
+  a path                       a Hugging Face model folder (config.json + weights), a LoRA
+                               adapter folder (adapter_config.json; merged into the base it
+                               records), or a bare state dict ``.safetensors`` / ``.pth`` with
+                               MiniMind's key names
+  a name                       looked up MiniMind's way, first in ``save_dir`` and then among
+                               the shipped demo weights (``model/demo``):
+                               ``{name}_{hidden_size}[_moe]/``, ``.safetensors``, ``.pth``
+
+Loading is strict: missing or unexpected keys, or sizes that disagree with the ones given,
+stop with a UserError naming the file, the keys and the real size. Pickles are read with
+``torch.load(weights_only=True)`` only; ``trust_remote_code`` is never set.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from model.config import LMConfig, build_model, weight_name
+from model.lora import is_adapter_dir, load_lora, merge_lora, read_adapter_meta
+from utils.errors import UserError
+from utils.runtime import check_device
+
+MODEL_DIR = os.path.dirname(os.path.abspath(__file__))
+SHIPPED_DIR = os.path.join(MODEL_DIR, "demo")      # the demo SFT weights and lora_identity
+SHIPPED_TOKENIZER = MODEL_DIR                      # tokenizer.json, tokenizer_config.json
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+SUFFIXES = ("", ".safetensors", ".pth")            # folder first, then the two file kinds
+
+
+@dataclass
+class WeightSource:
+    kind: str          # "none" | "hf" | "adapter" | "file"
+    path: str | None = None
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def load_tokenizer(path: str | None = None):
+    """The tokenizer in ``path`` (default: the shipped one), with left padding off by default."""
+    path = path or SHIPPED_TOKENIZER
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise UserError(f"--tokenizer_path {path}: no tokenizer.json or tokenizer_config.json there")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise UserError(f"cannot load the tokenizer in {path}: {e.__class__.__name__}: {e}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise UserError(f"the tokenizer in {path} has no chat template; use one that has (e.g. the shipped model/)")
+    return tokenizer
+
+
+def has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES)
+
+
+# ----------------------------------------------------------------------------- resolution
+def _classify(path: str) -> WeightSource | None:
+    if os.path.isdir(path):
+        if is_adapter_dir(path):
+            return WeightSource("adapter", path)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return WeightSource("hf", path)
+        return None
+    if os.path.isfile(path) and path.endswith((".safetensors", ".pth", ".pt", ".bin")):
+        return WeightSource("file", path)
+    return None
+
+
+def _candidate_stems(name: str, lm_config: LMConfig, folder: str) -> list[str]:
+    if lm_config.hidden_size is not None:
+        moes = [lm_config.use_moe] if lm_config.use_moe is not None else [False, True]
+        return [weight_name(name, lm_config.hidden_size, moe) for moe in moes]
+    # No size given: whatever {name}_{size}[_moe] exists in this folder.
+    pattern = re.compile(re.escape(name) + r"_(\d+)(_moe)?(\.safetensors|\.pth)?$")
+    found = []
+    for p in sorted(glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "_*"))):
+        m = pattern.match(os.path.basename(p))
+        if m and (lm_config.use_moe is None or bool(m.group(2)) == bool(lm_config.use_moe)):
+            stem = os.path.basename(p)[: len(os.path.basename(p)) - len(m.group(3) or "")]
+            if stem not in found:
+                found.append(stem)
+    return found
+
+
+def resolve_weight(from_weight: str, lm_config: LMConfig, save_dir: str = "out") -> WeightSource:
+    """Find what ``from_weight`` names (see the module doc), or raise listing every path tried."""
+    if from_weight in (None, "", "none"):
+        return WeightSource("none")
+    direct = _classify(from_weight)
+    if direct:
+        return direct
+    if os.path.exists(from_weight):
+        raise UserError(f"--from_weight {from_weight}: not a model folder (config.json), an adapter folder "
+                        f"(adapter_config.json) or a .safetensors/.pth weights file")
+    tried = []
+    for folder in dict.fromkeys([save_dir, SHIPPED_DIR]):
+        stems = _candidate_stems(from_weight, lm_config, folder)
+        if lm_config.hidden_size is None and len(stems) > 1:
+            raise UserError(f"--from_weight {from_weight}: several sizes in {folder} ({', '.join(stems)}); "
+                            f"pass --hidden_size to choose")
+        if not stems:
+            tried.append(os.path.join(folder, f"{from_weight}_*"))
+        for stem in stems:
+            for suffix in SUFFIXES:
+                path = os.path.join(folder, stem + suffix)
+                tried.append(path)
+                src = _classify(path) or (_classify(path + ".old") if suffix == "" else None)
+                if src:
+                    return src
+    raise UserError(f"--from_weight {from_weight} not found; tried {', '.join(tried)}; "
+                    f"give a path, a name saved in --save_dir, or none")
+
+
+# ----------------------------------------------------------------------------- loading
+def _size_words(c: LMConfig) -> str:
+    return f"--hidden_size {c.hidden_size} --num_hidden_layers {c.num_hidden_layers}" + \
+        (" --use_moe 1" if c.use_moe else "")
+
+
+def _check_sizes(path: str, asked: LMConfig, real: LMConfig) -> None:
+    """Stop when a size the user gave disagrees with what the checkpoint really is."""
+    given = []
+    if asked.hidden_size is not None and asked.hidden_size != real.hidden_size:
+        given.append(f"--hidden_size {asked.hidden_size}")
+    if asked.num_hidden_layers is not None and asked.num_hidden_layers != real.num_hidden_layers:
+        given.append(f"--num_hidden_layers {asked.num_hidden_layers}")
+    if asked.use_moe is not None and bool(asked.use_moe) != bool(real.use_moe):
+        given.append(f"--use_moe {int(bool(asked.use_moe))}")
+    if given:
+        raise UserError(f"{path} has {_size_words(real)} but {' '.join(given)} was given; "
+                        f"pass {_size_words(real)} or leave the sizes out")
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    try:
+        if path.endswith(".safetensors"):
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read weights file {path}: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}; "
+                        f"the file is truncated, damaged or not a weights file")
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]  # a training checkpoint that holds the model's state dict under "model"
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path} is not a state dict of tensors")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}  # saved from DDP
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def infer_lm_config(sd: dict[str, torch.Tensor], path: str) -> LMConfig:
+    """The sizes a bare MiniMind/Qwen3 state dict really has, read off its tensor shapes."""
+    try:
+        vocab, hidden = sd["model.embed_tokens.weight"].shape
+        layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.(\d+)\.", k)))
+        head_dim = sd["model.layers.0.self_attn.q_norm.weight"].shape[0]
+        heads = sd["model.layers.0.self_attn.q_proj.weight"].shape[0] // head_dim
+        kv_heads = sd["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path} does not look like a MiniMind/Qwen3 state dict (no {e}); "
+                        f"its first keys are {list(sd)[:4]}")
+    use_moe = any(".mlp.experts." in k for k in sd)
+    if use_moe:
+        gate = next(v for k, v in sd.items() if k.endswith("mlp.gate.weight"))
+        down = next(v for k, v in sd.items() if ".mlp.experts." in k and "down_proj" in k)
+        num_experts, intermediate = gate.shape[0], (down.shape[-1] if down.dim() == 3 else down.shape[1])
+    else:
+        num_experts, intermediate = 4, sd["model.layers.0.mlp.gate_proj.weight"].shape[0]
+    tied = "lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
+    return LMConfig(hidden_size=hidden, num_hidden_layers=layers, use_moe=use_moe, vocab_size=vocab,
+                    num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate,
+                    tie_word_embeddings=tied, num_experts=num_experts)
+
+
+def _load_file(path: str, lm_config: LMConfig):
+    sd = _read_state_dict(path)
+    real = infer_lm_config(sd, path)
+    for f in ("max_position_embeddings", "rope_theta", "rms_norm_eps", "num_experts_per_tok"):
+        setattr(real, f, getattr(lm_config, f))  # not recorded in a bare state dict
+    _check_sizes(path, lm_config, real)
+    model = build_model(real)
+    expected = model.state_dict()
+    if real.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    wrong = [k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = []
+        if missing:
+            detail.append(f"missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            detail.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+        if wrong:
+            detail.append(f"{wrong[0]} has shape {tuple(sd[wrong[0]].shape)}, the model {tuple(expected[wrong[0]].shape)}")
+        raise UserError(f"{path} does not load strictly ({'; '.join(detail)})")
+    model.load_state_dict(sd, strict=False)  # strictness checked above, tied lm_head aside
+    return model, real
+
+
+def _load_hf(path: str, lm_config: LMConfig):
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise UserError(f"cannot read {os.path.join(path, 'config.json')}: {e.__class__.__name__}: {e}")
+    if hf_config.model_type in ("qwen3", "qwen3_moe"):
+        real = LMConfig.from_hf(hf_config)
+    else:  # any other transformers causal LM: only its sizes matter here
+        real = LMConfig(hidden_size=hf_config.hidden_size, num_hidden_layers=hf_config.num_hidden_layers,
+                        use_moe=False, vocab_size=hf_config.vocab_size,
+                        num_attention_heads=getattr(hf_config, "num_attention_heads", 8),
+                        num_key_value_heads=getattr(hf_config, "num_key_value_heads", 4),
+                        intermediate_size=getattr(hf_config, "intermediate_size", None))
+    _check_sizes(path, lm_config, real)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    except Exception as e:
+        raise UserError(f"cannot load the model in {path}: {e.__class__.__name__}: {str(e).splitlines()[0][:300]}")
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise UserError(f"{path} does not load strictly: " + "; ".join(f"{k} {sorted(v)[:4]}" for k, v in bad.items()))
+    return model, real
+
+
+def _load_adapter(path: str, lm_config: LMConfig, save_dir: str):
+    meta = read_adapter_meta(path)
+    base = meta.get("base")
+    adapter_config = LMConfig.from_dict(meta["lm_config"]) if meta.get("lm_config") else lm_config
+    _check_sizes(path, lm_config, adapter_config)
+    base_path = os.path.normpath(os.path.join(path, meta["base_path"])) if meta.get("base_path") else None
+    if base_path and _classify(base_path):
+        src = _classify(base_path)
+    elif base:
+        src = resolve_weight(base, LMConfig(hidden_size=adapter_config.hidden_size,
+                                            num_hidden_layers=adapter_config.num_hidden_layers,
+                                            use_moe=adapter_config.use_moe), save_dir)
+    else:
+        raise UserError(f"adapter {path} does not record its base model; give the base as --from_weight "
+                        f"and the adapter as --lora_weight")
+    model, real, tok_dir = _load_source(src, lm_config, save_dir)
+    load_lora(model, path)
+    merge_lora(model)
+    return model, real, tok_dir
+
+
+def _load_source(src: WeightSource, lm_config: LMConfig, save_dir: str):
+    """(model, real LMConfig, folder holding its tokenizer or None)."""
+    if src.kind == "none":
+        real = lm_config.filled()
+        return build_model(real), real, None
+    if src.kind == "file":
+        model, real = _load_file(src.path, lm_config)
+        return model, real, None
+    if src.kind == "hf":
+        model, real = _load_hf(src.path, lm_config)
+        return model, real, src.path if has_tokenizer(src.path) else None
+    return _load_adapter(src.path, lm_config, save_dir)
+
+
+def init_model(lm_config: LMConfig, from_weight: str = "none", device="cpu", save_dir: str = "out",
+               tokenizer_path: str | None = None):
+    """Build the model ``from_weight`` names (see the module doc) and its tokenizer.
+
+    lm_config: the sizes the user asked for; a None size means "the checkpoint's". It is
+    completed in place with what was really loaded, so ``lm_config.hidden_size`` names the
+    output files afterwards. The model comes back in fp32 on ``device``, in eval mode.
+    tokenizer_path: default the checkpoint folder's own tokenizer, else the shipped one.
+    """
+    device = check_device(str(device))
+    src = resolve_weight(from_weight, lm_config, save_dir)
+    tokenizer_hint = None
+    if src.kind == "none":
+        tokenizer = load_tokenizer(tokenizer_path)
+        lm_config.vocab_size = len(tokenizer)
+        lm_config.pad_token_id, lm_config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        lm_config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    model, real, tokenizer_hint = _load_source(src, lm_config, save_dir)
+    if src.kind != "none":
+        tokenizer = load_tokenizer(tokenizer_path or tokenizer_hint)
+    vocab_rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab_rows:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but {from_weight} has an embedding of {vocab_rows} "
+                        f"rows; pass --tokenizer_path of the tokenizer these weights were trained with")
+    for k, v in real.to_dict().items():
+        setattr(lm_config, k, v)
+    model.weight_source = src  # where the weights came from, recorded in saved adapters
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.to(device).eval(), tokenizer
+
+
+def add_lora_weight(model, lora_weight: str, lm_config: LMConfig, save_dir: str = "out"):
+    """Merge the adapter ``lora_weight`` (a path, or a name in ``save_dir`` / the shipped demo)
+    into ``model``, in place, whatever base it was trained on (a note is printed when that base
+    is not the model's)."""
+    src = resolve_weight(lora_weight, LMConfig(hidden_size=lm_config.hidden_size,
+                                               num_hidden_layers=lm_config.num_hidden_layers,
+                                               use_moe=lm_config.use_moe), save_dir)
+    if src.kind != "adapter":
+        raise UserError(f"--lora_weight {lora_weight}: {src.path} is not a LoRA adapter folder "
+                        f"(no adapter_config.json); give full weights as --from_weight instead")
+    load_lora(model, src.path)
+    return merge_lora(model)

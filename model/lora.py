@@ -1,0 +1,193 @@
+"""LoRA ("LoRA Identity" in the seed) through peft, injected in place.
+
+``apply_lora`` adds adapters to the model you pass and returns it: B starts at zero, so the
+adapted model computes exactly what the base computes until it trains. Only parameters with
+``lora`` in their name train. Adapters are saved in PEFT's own format
+(``adapter_config.json`` + ``adapter_model.safetensors``, keys ``base_model.model.*``), so
+``peft.PeftModel.from_pretrained(base, folder)`` loads them as they are. Next to them,
+``minialign.json`` records where the base came from (so ``--from_weight <adapter>`` can
+rebuild it) and the model config.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+
+from utils.errors import UserError
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+META_FILE = "minialign.json"
+PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts in front of module paths
+
+
+def _linear_names(model) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def apply_lora(model, rank: int = 8, alpha: float = 16, targets=None, dropout: float = 0.0,
+               adapter_name: str = "default"):
+    """Inject LoRA adapters into ``model`` in place and return it.
+
+    targets: module names (e.g. ``q_proj``) to adapt; default: every attention and MLP
+    projection the model has (an MoE's fused experts are left alone). Only parameters with
+    ``lora`` in their name are left trainable.
+    """
+    present = _linear_names(model)
+    if targets is None:
+        targets = [t for t in DEFAULT_TARGETS if t in present]
+    else:
+        targets = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise UserError(f"--lora_targets {','.join(missing)}: no such linear layer in the model; "
+                            f"choose from {','.join(sorted(present - {'lm_head'}))}")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
+                        init_lora_weights=True, bias="none")
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora" in name
+    return model
+
+
+def lora_state_dict(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors with PEFT's file key names (``base_model.model.<path>.lora_A.weight``)."""
+    sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return {PEFT_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+
+
+def save_lora(model, out_dir: str, base: str | None = None, lm_config=None,
+              adapter_name: str = "default", extra: dict | None = None) -> None:
+    """Write the adapter in PEFT format to ``out_dir`` (atomically: a temp folder, then rename).
+
+    base: how the base model was given (``--from_weight``), recorded so the adapter can be
+    merged into it later, with the path it resolved to (``model.weight_source``, set by
+    ``init_model``) relative to the adapter folder; lm_config: the base's LMConfig.
+    """
+    out_dir = out_dir.rstrip("/")
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(lora_state_dict(model, adapter_name), os.path.join(tmp, ADAPTER_WEIGHTS))
+    config = model.peft_config[adapter_name]
+    config.base_model_name_or_path = base
+    config.inference_mode = True
+    config.save_pretrained(tmp)
+    source = getattr(model, "weight_source", None)
+    base_path = os.path.relpath(os.path.abspath(source.path), os.path.abspath(out_dir)) if source and source.path else None
+    meta = {"base": base, "base_path": base_path,
+            "lm_config": lm_config.to_dict() if lm_config is not None else None, **(extra or {})}
+    with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, ensure_ascii=False)
+    # The previous adapter stays whole until the new one is: a crash between the two renames
+    # leaves it in "<out_dir>.old", which resolve_weight also finds.
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def is_adapter_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def read_adapter_meta(path: str) -> dict:
+    """The adapter folder's minialign.json, or what adapter_config.json alone tells."""
+    meta_path = os.path.join(path, META_FILE)
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            return json.load(f)
+    with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as f:
+        return {"base": json.load(f).get("base_model_name_or_path"), "lm_config": None}
+
+
+def load_lora(model, adapter_dir: str, adapter_name: str = "default"):
+    """Inject the adapter saved in ``adapter_dir`` into ``model`` and load its weights, strictly.
+
+    Every tensor in the file must find its place and every injected LoRA tensor must be in the
+    file, with the same shape; otherwise a UserError names the keys.
+    """
+    weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise UserError(f"adapter folder {adapter_dir} has no {ADAPTER_WEIGHTS}")
+    config = LoraConfig.from_pretrained(adapter_dir)
+    try:
+        state = load_file(weights)
+    except Exception as e:  # truncated or not a safetensors file
+        raise UserError(f"cannot read {weights}: {e.__class__.__name__}: {e}; the file is damaged, re-save the adapter")
+    try:
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    except ValueError as e:
+        raise UserError(f"adapter {adapter_dir} does not fit the model: {e}")
+    state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
+    expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape of {k} is {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model")
+        raise UserError(f"adapter {adapter_dir} does not match the model ({'; '.join(parts)}); "
+                        f"check --hidden_size / --from_weight")
+    set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora" in name
+    return model
+
+
+def merge_lora(model):
+    """Fold every LoRA adapter into its base weights and remove the adapter layers, in place."""
+    replacements = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            module.merge(safe_merge=True)
+            replacements.append((name, module.get_base_layer()))
+    for name, base_layer in replacements:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, base_layer)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    for param in model.parameters():
+        param.requires_grad = True
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Run the base model: every LoRA adapter off inside the block, back on after.
+
+    This is the reference model of DPO / PPO / GPO / GRPO with one copy of the weights.
+    """
+    # peft's enable_adapters() also flips requires_grad on the adapter weights; setting the
+    # flag alone keeps the trainable set unchanged, as the optimizer and DDP expect.
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield model
+    finally:
+        for m, was_disabled in zip(layers, before):
+            m._disable_adapters = was_disabled
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,2 @@
+"""Pieces every training script shares: errors, runtime (device, dtype, seeding, DDP),
+log-probs, schedule, logging, arguments, checkpoints."""

@@ -1,0 +1,78 @@
+"""The flags every training script shares (MiniMind's names), added by one helper.
+
+Each script calls ``add_common_args(parser, **its_defaults)`` and then adds its algorithm's
+own flags. Flags the seed's command uses work exactly as written there.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from utils.runtime import default_device
+
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def project_path(*parts: str) -> str:
+    """A path inside the project, so that default data files are found from any directory."""
+    return os.path.join(PROJECT_DIR, *parts)
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_path: str,
+                    epochs: int = 1, batch_size: int = 16, learning_rate: float = 1e-4,
+                    max_seq_len: int = 256, from_weight: str = "full_sft", log_interval: int = 10,
+                    save_interval: int = 100, use_lora: int = 1) -> None:
+    g = parser.add_argument_group("data and model")
+    g.add_argument("--data_path", default=project_path(data_path),
+                   help=f"training data, JSON lines (default: the project's {data_path})")
+    g.add_argument("--from_weight", default=from_weight,
+                   help="starting weights: none, a path (model folder, adapter folder, .safetensors/.pth) "
+                        "or a name looked up in --save_dir, then the shipped demo (default: %(default)s)")
+    g.add_argument("--tokenizer_path", default=None,
+                   help="tokenizer folder (default: the checkpoint folder's own, else the shipped model/)")
+    g.add_argument("--hidden_size", type=int, default=None,
+                   help="model width (default: the checkpoint's own; 512 with --from_weight none)")
+    g.add_argument("--num_hidden_layers", type=int, default=None,
+                   help="number of layers (default: the checkpoint's own; 8 with --from_weight none)")
+    g.add_argument("--use_moe", type=int, choices=[0, 1], default=None,
+                   help="mixture-of-experts model (default: the checkpoint's own; 0 with --from_weight none)")
+    g.add_argument("--max_seq_len", type=int, default=max_seq_len,
+                   help="longest prompt + response in tokens; prompts are cut from the left (default: %(default)s)")
+
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs, help="passes over the data (default: %(default)s)")
+    g.add_argument("--batch_size", type=int, default=batch_size, help="examples per step and process (default: %(default)s)")
+    g.add_argument("--learning_rate", type=float, default=learning_rate, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--accumulation_steps", type=int, default=1,
+                   help="micro-batches per optimizer step (default: %(default)s)")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping, 0 to turn off (default: %(default)s)")
+    g.add_argument("--max_steps", type=int, default=0,
+                   help="stop after this many optimizer steps, saving as at the end; 0: run all epochs")
+    g.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
+
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--use_lora", type=int, choices=[0, 1], default=use_lora,
+                   help="1: train LoRA adapters only; 0: train every parameter (default: %(default)s)")
+    g.add_argument("--lora_rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
+    g.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA alpha; the scale is alpha/r (default: %(default)s)")
+    g.add_argument("--lora_targets", default=None,
+                   help="comma-separated module names to adapt (default: every attention and MLP projection)")
+
+    g = parser.add_argument_group("hardware")
+    g.add_argument("--device", default=default_device(), help="cpu or cuda:N (default: %(default)s)")
+    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="autocast precision on CUDA; CPU always runs fp32 (default: %(default)s)")
+    g.add_argument("--num_workers", type=int, default=0, help="data-loader worker processes (default: %(default)s)")
+    g.add_argument("--use_compile", type=int, choices=[0, 1], default=0, help="torch.compile the model (default: 0)")
+
+    g = parser.add_argument_group("saving, resuming and logging")
+    g.add_argument("--save_dir", default="out", help="where weights and the metrics file go (default: %(default)s)")
+    g.add_argument("--save_weight", default=save_weight,
+                   help="name of the saved weights: {save_dir}/{save_weight}_{hidden_size}[_moe] (default: %(default)s)")
+    g.add_argument("--checkpoint_dir", default="checkpoints", help="where resume files go (default: %(default)s)")
+    g.add_argument("--save_interval", type=int, default=save_interval, help="save every N optimizer steps (default: %(default)s)")
+    g.add_argument("--from_resume", type=int, choices=[0, 1], default=0,
+                   help="1: continue from the resume file in --checkpoint_dir if there is one (default: 0)")
+    g.add_argument("--log_interval", type=int, default=log_interval, help="log every N optimizer steps (default: %(default)s)")
+    g.add_argument("--use_wandb", action="store_true", help="log to wandb (offline if not logged in)")
+    g.add_argument("--wandb_project", default="MiniAlign", help="wandb project (default: %(default)s)")

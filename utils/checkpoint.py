@@ -1,0 +1,97 @@
+"""Resume files: everything a run needs to continue exactly, written atomically.
+
+``{checkpoint_dir}/{save_weight}_{hidden_size}[_moe]_resume.pth`` holds the trainable weights
+in fp32, optimizer, grad scaler, every RNG state, epoch, step, data position, world size, the
+wandb run id and the args. It holds only tensors, numbers, strings, lists and dicts, so it is
+read back with ``torch.load(weights_only=True)``. A write goes to a temp file that is renamed
+over the old one only once complete: a crash mid-write leaves the previous file valid.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from model.config import weight_name
+from utils.errors import UserError
+
+# Args that may change between a run and its resume without changing what is trained.
+RESUME_FREE_ARGS = {"from_resume", "device", "log_interval", "save_interval", "use_wandb", "wandb_project",
+                    "num_workers", "max_steps", "epochs", "checkpoint_dir", "save_dir"}
+
+
+def resume_path(checkpoint_dir: str, save_weight: str, hidden_size: int, use_moe: bool) -> str:
+    return os.path.join(checkpoint_dir, weight_name(save_weight, hidden_size, use_moe) + "_resume.pth")
+
+
+def capture_rng() -> dict:
+    """Every RNG state, as plain tensors and numbers."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, fp32 on CPU (LoRA only, or all with --use_lora 0)."""
+    return {n: p.detach().to("cpu", torch.float32).clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor], path: str) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise UserError(f"{path} does not match this model's trainable parameters "
+                        f"(missing {missing[:3]}, unexpected {extra[:3]}); it was saved by another configuration")
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.shape != state[n].shape:
+                raise UserError(f"{path}: {n} has shape {tuple(state[n].shape)}, the model {tuple(p.shape)}")
+            p.copy_(state[n].to(p.device, p.dtype))
+
+
+def save_resume(path: str, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically (temp file, fsync, rename)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_resume(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read resume file {path}: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}; "
+                        f"delete it to start over")
+
+
+def check_resume_args(saved: dict, current: dict, path: str) -> None:
+    """Stop when the resume file was written by a run that trains something else."""
+    diffs = [f"--{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+             if k not in RESUME_FREE_ARGS and saved.get(k) != current.get(k)]
+    if diffs:
+        raise UserError(f"{path} was written with other arguments ({'; '.join(diffs[:5])}); "
+                        f"use the same ones, another --save_weight, or --from_resume 0 to start over")

@@ -1,0 +1,45 @@
+"""Log-probabilities of tokens and sequences: one place for shift, gather and mask.
+
+Shapes: B batch, T tokens, V vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(x_t | x_<t) for t = 1..T-1.
+
+    logits: (B, T, V) from a forward over input_ids (B, T). Returns (B, T-1): entry t is the
+    log-prob of input_ids[:, t+1] given the tokens before it. Computed as gather minus
+    logsumexp, in fp32, which avoids materialising a (B, T, V) log-softmax.
+    """
+    logits = logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def masked_reduce(values: torch.Tensor, mask: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Sum or mean of values (B, L) over mask (B, L) per row -> (B,). A row with an empty
+    mask has mean 0."""
+    mask = mask.to(values.dtype)
+    total = (values * mask).sum(-1)
+    if reduce == "sum":
+        return total
+    if reduce == "mean":
+        return total / mask.sum(-1).clamp(min=1)
+    raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                      reduce: str = "mean", temperature: float = 1.0) -> torch.Tensor:
+    """l(y) = sum (or mean) over response tokens of log pi(y_t | x, y_<t).
+
+    logits (B, T, V), input_ids (B, T), response_mask (B, T) with 1 on response tokens of
+    input_ids (prompt and padding 0). Returns (B,). Padding anywhere (left or right) changes
+    nothing as long as the forward was given the matching attention mask.
+    """
+    per_token = token_logprobs(logits, input_ids, temperature)      # (B, T-1)
+    return masked_reduce(per_token, response_mask[:, 1:], reduce)

@@ -1,0 +1,121 @@
+"""Where and how a run executes: device, precision, seeding, torchrun/DDP.
+
+CPU runs are plain fp32 (exact and reproducible, which the resume tests rely on). On CUDA,
+``--dtype bfloat16`` (the default, as in MiniMind) runs the forward under bf16 autocast with
+fp32 master weights; ``float16`` adds a GradScaler; ``float32`` turns autocast off.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from utils.errors import UserError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def default_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device, or a UserError that says which devices this machine has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device!r} is not a device; use cpu or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = 0 if dev.index is None else dev.index
+        if index >= n:
+            have = f"CUDA devices cuda:0..cuda:{n - 1}" if n else "no CUDA device"
+            raise UserError(f"--device {device}: this machine has {have}; use --device cpu"
+                            + (" or one of those" if n else ""))
+        return torch.device("cuda", index)
+    if dev.type not in ("cpu", "mps"):
+        raise UserError(f"--device {device!r} is not supported; use cpu or cuda:N")
+    return dev
+
+
+def autocast_context(device: torch.device, dtype: str):
+    """bf16/fp16 autocast on CUDA; nothing on CPU or with float32."""
+    if device.type != "cuda" or dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=DTYPES[dtype])
+
+
+def grad_scaler(device: torch.device, dtype: str) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for fp16 on CUDA (a no-op otherwise, so the loop is one)."""
+    return torch.amp.GradScaler("cuda", enabled=(device.type == "cuda" and dtype == "float16"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG's state, for the resume file."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
+    """Join the torchrun process group if launched by torchrun (NCCL on CUDA, gloo on CPU).
+
+    Returns the rank info and the device this process uses: under torchrun with CUDA,
+    ``cuda:LOCAL_RANK`` whatever ``--device`` said; otherwise ``--device``.
+    """
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistInfo(), check_device(device)
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    dev = check_device(device)
+    if dev.type == "cuda":
+        dev = check_device(f"cuda:{info.local_rank}")
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return info, dev
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
