@@ -1,0 +1,1 @@
+"""Data side: file formats and their checks, tokenization, the shipped demo world."""

@@ -1,0 +1,260 @@
+"""Reading, checking and tokenizing the data files of every script.
+
+Formats (JSON lines):
+  conversations  MiniMind SFT / prompt format: {"conversations": [{"role", "content"}, ...]}
+  pairs          MiniMind DPO format {"chosen": [messages], "rejected": [messages]} (the same
+                 prompt turns, then one assistant turn each), or {"prompt", "chosen", "rejected"}
+                 with strings or messages
+  prompts        {"conversations": [...]} (a trailing assistant turn is dropped) or {"prompt": ...};
+                 every other field (e.g. "answer") is kept for reward functions and evaluation
+
+A bad line stops the run before training with ``file:line: reason``. Tokenization follows the
+tokenizer's chat template: a response is the assistant text followed by the end-of-turn token,
+tokenized on its own after the generation prompt, exactly as generation produces it.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from utils.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+
+
+# ----------------------------------------------------------------------------- reading
+def read_jsonl(path: str) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; UserError on a missing, empty,
+    non-UTF-8 or invalid-JSON file, naming the line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such data file; check --data_path")
+    rows = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}); save the file as UTF-8")
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})")
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((lineno, obj))
+    if not rows:
+        raise UserError(f"{path}: the file is empty; it needs one JSON object per line")
+    return rows
+
+
+def check_messages(msgs, where: str, field: str) -> list[dict]:
+    """A validated message list: an optional system turn, then user/assistant alternating from user."""
+    if isinstance(msgs, str):
+        raise UserError(f"{where}: \"{field}\" must be a list of messages here, got a string")
+    if not isinstance(msgs, list) or not msgs:
+        raise UserError(f"{where}: \"{field}\" must be a non-empty list of {{\"role\", \"content\"}} messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"{where}: \"{field}\"[{i}] must be an object with \"role\" and \"content\"")
+        if m["role"] not in ROLES:
+            raise UserError(f"{where}: \"{field}\"[{i}] has role {m['role']!r}; use system, user or assistant")
+        if not isinstance(m["content"], str):
+            raise UserError(f"{where}: \"{field}\"[{i}] content must be a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    turns = out[1:] if out[0]["role"] == "system" else out
+    for i, m in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise UserError(f"{where}: \"{field}\" has {m['role']} where {want} should be "
+                            f"(wrong role order: an optional system turn, then user and assistant alternating)")
+    return out
+
+
+def _as_prompt(value, where: str, field: str) -> list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise UserError(f"{where}: \"{field}\" is empty")
+        return [{"role": "user", "content": value}]
+    msgs = check_messages(value, where, field)
+    if msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+    if not msgs or msgs[-1]["role"] != "user":
+        raise UserError(f"{where}: \"{field}\" has no user turn to answer")
+    return msgs
+
+
+def _response_text(value, where: str, field: str) -> str:
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, dict) and "content" in value:
+        text = value["content"]
+    elif isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+        text = value[-1].get("content")
+    else:
+        raise UserError(f"{where}: \"{field}\" must be a string or end with an assistant message")
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"{where}: \"{field}\" has an empty response")
+    return text
+
+
+def load_sft(path: str) -> list[list[dict]]:
+    """Conversations that end with a non-empty assistant turn."""
+    out = []
+    for lineno, row in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if "conversations" not in row:
+            raise UserError(f"{where}: missing field \"conversations\"")
+        msgs = check_messages(row["conversations"], where, "conversations")
+        if msgs[-1]["role"] != "assistant":
+            raise UserError(f"{where}: the conversation must end with an assistant turn")
+        for m in msgs:
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise UserError(f"{where}: empty assistant response")
+        out.append(msgs)
+    return out
+
+
+def load_pairs(path: str) -> list[dict]:
+    """Preference pairs as {"prompt": messages, "chosen": text, "rejected": text}."""
+    out = []
+    for lineno, row in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        for field in ("chosen", "rejected"):
+            if field not in row:
+                raise UserError(f"{where}: missing field \"{field}\"")
+        if "prompt" in row:
+            prompt = _as_prompt(row["prompt"], where, "prompt")
+        else:
+            chosen = check_messages(row["chosen"], where, "chosen")
+            rejected = check_messages(row["rejected"], where, "rejected")
+            for field, msgs in (("chosen", chosen), ("rejected", rejected)):
+                if msgs[-1]["role"] != "assistant":
+                    raise UserError(f"{where}: \"{field}\" must end with an assistant turn")
+            if chosen[:-1] != rejected[:-1]:
+                raise UserError(f"{where}: \"chosen\" and \"rejected\" must share the same turns before the last")
+            prompt = chosen[:-1]
+        out.append({"prompt": prompt,
+                    "chosen": _response_text(row["chosen"], where, "chosen"),
+                    "rejected": _response_text(row["rejected"], where, "rejected")})
+    return out
+
+
+def load_prompts(path: str) -> list[dict]:
+    """Prompts as {"prompt": messages, **other fields of the line}."""
+    out = []
+    for lineno, row in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if "conversations" in row:
+            prompt = _as_prompt(row["conversations"], where, "conversations")
+        elif "prompt" in row:
+            prompt = _as_prompt(row["prompt"], where, "prompt")
+        else:
+            raise UserError(f"{where}: missing field \"conversations\" or \"prompt\"")
+        extra = {k: v for k, v in row.items() if k not in ("conversations", "prompt")}
+        out.append({"prompt": prompt, **extra})
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizing
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the chat-rendered prompt, ending with the opening of an assistant turn."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Token ids of an assistant response, closed by the end-of-turn (eos) token."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def fit(prompt_ids: list[int], response_ids: list[int], max_len: int, min_prompt: int = 1):
+    """Prompt and response cut to ``max_len`` tokens: the response is kept whole and the prompt
+    loses its start. None when even ``min_prompt`` prompt tokens do not fit beside the response."""
+    room = max_len - len(response_ids)
+    if room < min(min_prompt, len(prompt_ids)) or room <= 0:
+        return None
+    return prompt_ids[-room:], response_ids
+
+
+def encode_conversation(tokenizer, messages: list[dict], max_len: int):
+    """(input_ids, loss_mask) of a whole conversation: every assistant response (and its end
+    token) is trained on, everything else is context. Cut from the left to ``max_len``; None when
+    the last response does not fit."""
+    ids, mask = [], []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = encode_prompt(tokenizer, messages[:i])
+        if prefix[: len(ids)] == ids:      # the usual case: the template extends what we have
+            mask += [0] * (len(prefix) - len(ids))
+        else:                              # a template that re-renders earlier turns: context only
+            mask = [0] * len(prefix)
+        ids = prefix
+        resp = encode_response(tokenizer, m["content"])
+        ids, mask = ids + resp, mask + [1] * len(resp)
+    last_resp = len(encode_response(tokenizer, messages[-1]["content"]))
+    if last_resp >= max_len:
+        return None
+    return ids[-max_len:], mask[-max_len:]
+
+
+def pad_batch(seqs: list[list[int]], pad_value: int, side: str = "right") -> torch.Tensor:
+    """(B, T) tensor of the sequences padded to the longest one."""
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), pad_value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if side == "right":
+            out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        else:
+            out[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Tokenized conversations; ``skipped`` counts those too long for ``max_len``."""
+
+    def __init__(self, conversations: list[list[dict]], tokenizer, max_len: int):
+        self.items, self.skipped = [], 0
+        for msgs in conversations:
+            enc = encode_conversation(tokenizer, msgs, max_len)
+            if enc is None:
+                self.skipped += 1
+            else:
+                self.items.append(enc)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def collate_sft(batch, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids (B, T), attention_mask (B, T) and loss_mask (B, T)."""
+    ids = [b[0] for b in batch]
+    return {
+        "input_ids": pad_batch(ids, pad_id),
+        "attention_mask": pad_batch([[1] * len(s) for s in ids], 0),
+        "loss_mask": pad_batch([b[1] for b in batch], 0),
+    }
+
+
+def encode_pairs(pairs: list[dict], tokenizer, max_len: int):
+    """(items, skipped): each item (prompt_ids, chosen_ids, rejected_ids), prompts cut from the
+    left so that both responses fit; pairs where they cannot are skipped and counted."""
+    items, skipped = [], 0
+    for p in pairs:
+        prompt = encode_prompt(tokenizer, p["prompt"])
+        chosen, rejected = encode_response(tokenizer, p["chosen"]), encode_response(tokenizer, p["rejected"])
+        fc, fr = fit(prompt, chosen, max_len), fit(prompt, rejected, max_len)
+        if fc is None or fr is None:
+            skipped += 1
+            continue
+        keep = min(len(fc[0]), len(fr[0]))  # the same prompt for both
+        items.append((prompt[-keep:], chosen, rejected))
+    return items, skipped
