@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from model.config import LMConfig, build_model, weight_name
+from model.strict import key_mismatch
 from model.lora import is_adapter_dir, load_lora, merge_lora, read_adapter_meta
 from utils.errors import UserError
 from utils.runtime import check_device
@@ -195,17 +196,9 @@ def _load_file(path: str, lm_config: LMConfig):
     if real.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    wrong = [k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        detail = []
-        if missing:
-            detail.append(f"missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-        if unexpected:
-            detail.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
-        if wrong:
-            detail.append(f"{wrong[0]} has shape {tuple(sd[wrong[0]].shape)}, the model {tuple(expected[wrong[0]].shape)}")
-        raise UserError(f"{path} does not load strictly ({'; '.join(detail)})")
+    problem = key_mismatch(sd, expected)
+    if problem:
+        raise UserError(f"{path} does not load strictly ({problem})")
     model.load_state_dict(sd, strict=False)  # strictness checked above, tied lm_head aside
     return model, real
 
@@ -234,7 +227,10 @@ def _load_hf(path: str, lm_config: LMConfig):
     return model, real
 
 
-def _load_adapter(path: str, lm_config: LMConfig, save_dir: str):
+def _load_adapter(path: str, lm_config: LMConfig, save_dir: str, depth: int = 0):
+    if depth > 8:
+        raise UserError(f"adapter {path}: its chain of recorded bases is more than 8 deep (a loop?); "
+                        f"give the base as --from_weight and the adapter as --lora_weight")
     meta = read_adapter_meta(path)
     base = meta.get("base")
     adapter_config = LMConfig.from_dict(meta["lm_config"]) if meta.get("lm_config") else lm_config
@@ -249,13 +245,13 @@ def _load_adapter(path: str, lm_config: LMConfig, save_dir: str):
     else:
         raise UserError(f"adapter {path} does not record its base model; give the base as --from_weight "
                         f"and the adapter as --lora_weight")
-    model, real, tok_dir = _load_source(src, lm_config, save_dir)
+    model, real, tok_dir = _load_source(src, lm_config, save_dir, depth + 1)
     load_lora(model, path)
     merge_lora(model)
     return model, real, tok_dir
 
 
-def _load_source(src: WeightSource, lm_config: LMConfig, save_dir: str):
+def _load_source(src: WeightSource, lm_config: LMConfig, save_dir: str, depth: int = 0):
     """(model, real LMConfig, folder holding its tokenizer or None)."""
     if src.kind == "none":
         real = lm_config.filled()
@@ -266,7 +262,7 @@ def _load_source(src: WeightSource, lm_config: LMConfig, save_dir: str):
     if src.kind == "hf":
         model, real = _load_hf(src.path, lm_config)
         return model, real, src.path if has_tokenizer(src.path) else None
-    return _load_adapter(src.path, lm_config, save_dir)
+    return _load_adapter(src.path, lm_config, save_dir, depth)
 
 
 def init_model(lm_config: LMConfig, from_weight: str = "none", device="cpu", save_dir: str = "out",

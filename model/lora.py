@@ -21,6 +21,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
+from model.strict import key_mismatch
 from utils.errors import UserError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -61,7 +62,7 @@ def apply_lora(model, rank: int = 8, alpha: float = 16, targets=None, dropout: f
 
 def lora_state_dict(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors with PEFT's file key names (``base_model.model.<path>.lora_A.weight``)."""
-    sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    sd = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     return {PEFT_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
 
@@ -130,21 +131,10 @@ def load_lora(model, adapter_dir: str, adapter_name: str = "default"):
     except ValueError as e:
         raise UserError(f"adapter {adapter_dir} does not fit the model: {e}")
     state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
-    expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"shape of {k} is {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model")
-        raise UserError(f"adapter {adapter_dir} does not match the model ({'; '.join(parts)}); "
-                        f"check --hidden_size / --from_weight")
+    expected = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    problem = key_mismatch(state, expected)
+    if problem:
+        raise UserError(f"adapter {adapter_dir} does not match the model ({problem}); check --hidden_size / --from_weight")
     set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     for name, param in model.named_parameters():
         param.requires_grad = "lora" in name

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from model.config import weight_name
+from model.strict import key_mismatch
 from utils.errors import UserError
 
 # Args that may change between a run and its resume without changing what is trained.
@@ -58,14 +59,12 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def load_trainable_state(model, state: dict[str, torch.Tensor], path: str) -> None:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(state):
-        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        raise UserError(f"{path} does not match this model's trainable parameters "
-                        f"(missing {missing[:3]}, unexpected {extra[:3]}); it was saved by another configuration")
+    problem = key_mismatch(state, params)
+    if problem:
+        raise UserError(f"{path} does not match this model's trainable parameters ({problem}); "
+                        f"it was saved by another configuration")
     with torch.no_grad():
         for n, p in params.items():
-            if p.shape != state[n].shape:
-                raise UserError(f"{path}: {n} has shape {tuple(state[n].shape)}, the model {tuple(p.shape)}")
             p.copy_(state[n].to(p.device, p.dtype))
 
 

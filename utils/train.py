@@ -128,10 +128,11 @@ class Run:
             model.requires_grad_(True)
         model.train()
         self.base_model = model
-        if args.use_compile:
-            model = torch.compile(model)
+        # Every forward that feeds a loss goes through self.model, so DDP syncs the gradients.
         self.model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if self.dist.enabled else model
+        if args.use_compile:
+            self.model = torch.compile(self.model)
         self.scaler = grad_scaler(self.device, args.dtype)
         self.stem = weight_name(args.save_weight, self.lm_config.hidden_size, self.lm_config.use_moe)
         self.weights_dir = os.path.join(args.save_dir, self.stem)

@@ -1,0 +1,137 @@
+"""Evaluate a model, with or without an adapter, on the held-out demo files.
+
+    python eval_align.py                                  # the shipped demo SFT model
+    python eval_align.py --lora_weight dpo                # ... plus out/dpo_128/ merged in
+    python eval_align.py --from_weight out/merged --json  # any model folder, one JSON line
+
+Reports
+  pair_acc    share of held-out preference pairs whose chosen response has a higher mean
+              log-prob (per token) than the rejected one
+  answer_acc  share of held-out prompts whose greedy answer ("The answer is X." / "答案是 X。")
+              equals the prompt's "answer" field
+  mean_len    mean length of the greedy responses in tokens (end token included)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+
+from dataset.answers import is_correct
+from dataset.data import encode_pairs, encode_prompt, load_pairs, load_prompts, pad_batch
+from model import LMConfig, init_model
+from model.loading import add_lora_weight
+from utils.args import project_path
+from utils.errors import UserError, run_cli
+from utils.logprobs import sequence_logprobs
+from utils.runtime import default_device
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Held-out preference and answer accuracy of a model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--from_weight", default="full_sft", help="model: a name, a path, or none")
+    p.add_argument("--lora_weight", default=None, help="adapter (name or folder) merged on top of --from_weight")
+    p.add_argument("--save_dir", default="out", help="where names are looked up first (then the shipped demo)")
+    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: the model's, else the shipped one)")
+    p.add_argument("--hidden_size", type=int, default=None, help="model width (default: the checkpoint's)")
+    p.add_argument("--num_hidden_layers", type=int, default=None, help="layers (default: the checkpoint's)")
+    p.add_argument("--use_moe", type=int, choices=[0, 1], default=None, help="MoE model (default: the checkpoint's)")
+    p.add_argument("--data", default=project_path("dataset", "heldout_rl.jsonl"),
+                   help="prompts with an \"answer\" field (default: the project's dataset/heldout_rl.jsonl)")
+    p.add_argument("--pairs", default=project_path("dataset", "heldout_dpo.jsonl"),
+                   help="preference pairs (default: the project's dataset/heldout_dpo.jsonl)")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="longest greedy response")
+    p.add_argument("--max_seq_len", type=int, default=256, help="longest prompt + response when scoring pairs")
+    p.add_argument("--batch_size", type=int, default=64, help="sequences per forward")
+    p.add_argument("--device", default=default_device(), help="cpu or cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def pair_accuracy(model, tokenizer, pairs: list[dict], max_seq_len: int, batch_size: int, device) -> tuple[float, int]:
+    """(share of pairs whose chosen response has the higher mean log-prob, pairs scored)."""
+    items, _ = encode_pairs(pairs, tokenizer, max_seq_len)
+    if not items:
+        raise UserError("no preference pair fits --max_seq_len; raise it")
+    wins = 0
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        seqs = [p + c for p, c, _ in chunk] + [p + r for p, _, r in chunk]
+        masks = [[0] * len(p) + [1] * len(c) for p, c, _ in chunk] + [[0] * len(p) + [1] * len(r) for p, _, r in chunk]
+        input_ids = pad_batch(seqs, tokenizer.pad_token_id).to(device)
+        attention_mask = pad_batch([[1] * len(s) for s in seqs], 0).to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logps = sequence_logprobs(logits, input_ids, pad_batch(masks, 0).to(device), reduce="mean")
+        n = len(chunk)
+        wins += int((logps[:n] > logps[n:]).sum())
+    return wins / len(items), len(items)
+
+
+@torch.no_grad()
+def greedy_responses(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int, device):
+    """(texts, lengths in tokens) of greedy responses, end token included in the length."""
+    texts, lengths = [], []
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_prompt(tokenizer, m) for m in prompts[start:start + batch_size]]
+        input_ids = pad_batch(encoded, pad, side="left").to(device)
+        attention_mask = pad_batch([[1] * len(e) for e in encoded], 0, side="left").to(device)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos, pad_token_id=pad)
+        for row in out[:, input_ids.shape[1]:].tolist():
+            n = row.index(eos) + 1 if eos in row else len(row)
+            texts.append(tokenizer.decode(row[:n], skip_special_tokens=True))
+            lengths.append(n)
+    return texts, lengths
+
+
+def evaluate(model, tokenizer, args) -> dict:
+    pairs, prompts = load_pairs(args.pairs), load_prompts(args.data)
+    missing = [i for i, p in enumerate(prompts) if "answer" not in p]
+    if missing:
+        raise UserError(f"{args.data}: {len(missing)} prompt(s) have no \"answer\" field (first: line {missing[0] + 1})")
+    pair_acc, n_pairs = pair_accuracy(model, tokenizer, pairs, args.max_seq_len, args.batch_size, args.device)
+    texts, lengths = greedy_responses(model, tokenizer, [p["prompt"] for p in prompts], args.max_new_tokens,
+                                      args.batch_size, args.device)
+    correct = [is_correct(t, p["answer"]) for t, p in zip(texts, prompts)]
+    by_task = defaultdict(list)
+    for ok, p in zip(correct, prompts):
+        by_task[p.get("task", "all")].append(ok)
+    return {
+        "pair_acc": round(pair_acc, 4), "answer_acc": round(sum(correct) / len(correct), 4),
+        "mean_len": round(sum(lengths) / len(lengths), 2), "n_pairs": n_pairs, "n_prompts": len(prompts),
+        "answer_acc_by_task": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_task.items())},
+        "examples": [{"prompt": p["prompt"][-1]["content"], "response": t, "answer": p["answer"]}
+                     for p, t in list(zip(prompts, texts))[:3]],
+    }
+
+
+def main(args):
+    lm_config = LMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                         use_moe=None if args.use_moe is None else bool(args.use_moe))
+    model, tokenizer = init_model(lm_config, args.from_weight, device=args.device, save_dir=args.save_dir,
+                                  tokenizer_path=args.tokenizer_path)
+    if args.lora_weight:
+        add_lora_weight(model, args.lora_weight, lm_config, args.save_dir)
+    model.eval()
+    result = evaluate(model, tokenizer, args)
+    result["model"] = args.from_weight + (f" + {args.lora_weight}" if args.lora_weight else "")
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "examples"}, ensure_ascii=False))
+    else:
+        print(f"model       {result['model']}")
+        print(f"pair_acc    {result['pair_acc']:.3f}   ({result['n_pairs']} held-out pairs)")
+        print(f"answer_acc  {result['answer_acc']:.3f}   ({result['n_prompts']} held-out prompts)")
+        print(f"mean_len    {result['mean_len']:.1f} tokens")
+        print("by task     " + "  ".join(f"{k} {v:.2f}" for k, v in result["answer_acc_by_task"].items()))
+        for ex in result["examples"]:
+            print(f"  Q: {ex['prompt']}\n  A: {ex['response']}   (expected {ex['answer']})")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,66 @@
+"""Merge an adapter into its base and write a full Hugging Face model folder.
+
+    python -m model.export --lora_weight dpo --out out/dpo_merged
+    python -m model.export --from_weight full_sft --lora_weight out/dpo_128 --out out/dpo_merged
+    python -m model.export --from_weight lora_identity --out out/identity_merged   # an adapter alone:
+                                                                                  # merged into its recorded base
+
+The folder (config.json, model.safetensors, tokenizer) loads with
+``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` as it is, and
+as ``--from_weight`` of every script here.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+
+from model import LMConfig, init_model
+from model.loading import add_lora_weight
+from utils.errors import UserError, run_cli
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base; write a Hugging Face model folder.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--from_weight", default="full_sft",
+                   help="base model (name, path), or an adapter alone, merged into the base it records")
+    p.add_argument("--lora_weight", default=None, help="adapter (name or folder) merged on top of --from_weight")
+    p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--save_dir", default="out", help="where names are looked up first (then the shipped demo)")
+    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: the model's, else the shipped one)")
+    p.add_argument("--hidden_size", type=int, default=None, help="model width (default: the checkpoint's)")
+    p.add_argument("--num_hidden_layers", type=int, default=None, help="layers (default: the checkpoint's)")
+    p.add_argument("--use_moe", type=int, choices=[0, 1], default=None, help="MoE model (default: the checkpoint's)")
+    return p.parse_args(argv)
+
+
+def export(model, tokenizer, out: str) -> None:
+    """Write model and tokenizer to ``out`` atomically (a temp folder, then rename)."""
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def main(args):
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UserError(f"--out {args.out} already exists; choose another folder or pass --overwrite")
+    lm_config = LMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                         use_moe=None if args.use_moe is None else bool(args.use_moe))
+    model, tokenizer = init_model(lm_config, args.from_weight, device="cpu", save_dir=args.save_dir,
+                                  tokenizer_path=args.tokenizer_path)
+    if args.lora_weight:
+        add_lora_weight(model, args.lora_weight, lm_config, args.save_dir)
+    export(model, tokenizer, args.out)
+    print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"hidden_size {lm_config.hidden_size}, {lm_config.num_hidden_layers} layers)")
+    return args.out
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

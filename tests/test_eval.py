@@ -1,0 +1,56 @@
+"""eval_align.py: the shipped SFT sits in its band; metrics are well defined."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dataset.data import load_pairs
+from eval_align import main, pair_accuracy, parse_args
+
+
+def test_shipped_sft_is_deliberately_imperfect():
+    r = main(parse_args(["--json", "--device", "cpu"]))
+    assert 0.20 <= r["answer_acc"] <= 0.70, r
+    assert r["n_prompts"] >= 150 and r["n_pairs"] >= 250
+    assert 0.5 < r["pair_acc"] < 0.95  # room for DPO to help
+
+
+def test_json_line_keys(tiny_dir):
+    proc = subprocess.run([sys.executable, "eval_align.py", "--from_weight", "full_sft", "--save_dir", tiny_dir,
+                           "--json", "--device", "cpu", "--max_new_tokens", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("pair_acc", "answer_acc", "mean_len", "n_pairs", "n_prompts"):
+        assert key in result
+    assert 0 <= result["pair_acc"] <= 1 and 0 <= result["answer_acc"] <= 1 and 1 <= result["mean_len"] <= 4
+
+
+def test_swapping_chosen_and_rejected_flips_pair_accuracy(tiny_model):
+    model, tok = tiny_model
+    pairs = load_pairs("dataset/heldout_dpo.jsonl")[:40]
+    swapped = [dict(p, chosen=p["rejected"], rejected=p["chosen"]) for p in pairs]
+    acc, n = pair_accuracy(model, tok, pairs, 256, 16, "cpu")
+    acc_swapped, _ = pair_accuracy(model, tok, swapped, 256, 16, "cpu")
+    assert n == 40 and acc + acc_swapped == pytest.approx(1.0)
+
+
+def test_missing_answer_field_is_reported(tmp_path, tiny_dir):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"conversations": [{"role": "user", "content": "q"}]}\n')
+    proc = subprocess.run([sys.executable, "eval_align.py", "--from_weight", "full_sft", "--save_dir", tiny_dir,
+                           "--data", str(f), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "have no \"answer\" field" in proc.stderr
+
+
+def test_shipped_lora_identity_knows_who_it_is():
+    from eval_align import greedy_responses
+    from model import LMConfig, init_model
+    model, tok = init_model(LMConfig(), "lora_identity", save_dir="no_such_dir")
+    texts, _ = greedy_responses(model, tok, [[{"role": "user", "content": "Who are you?"}],
+                                             [{"role": "user", "content": "你是谁？"}]], 40, 2, "cpu")
+    assert "MiniAlign" in texts[0] and "MiniAlign" in texts[1], texts
+    base, tok = init_model(LMConfig(), "full_sft", save_dir="no_such_dir")
+    texts, _ = greedy_responses(base, tok, [[{"role": "user", "content": "Who are you?"}]], 40, 1, "cpu")
+    assert "MiniAlign" not in texts[0]  # the SFT model alone does not know

@@ -1,0 +1,126 @@
+"""Shared pieces: schedule, precision, data order, logging, wandb that never crashes, resume checks."""
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from model import LMConfig, apply_lora, build_model
+from utils.checkpoint import capture_rng, check_resume_args, restore_rng
+from utils.errors import UserError
+from utils.logging import RunLogger, WandbLogger
+from utils.runtime import DistInfo, autocast_context, check_device, grad_scaler
+from utils.schedule import cosine_lr
+from utils.train import DataOrder
+
+
+def test_cosine_schedule_matches_minimind():
+    assert cosine_lr(0, 100, 1.0) == pytest.approx(1.0)
+    assert cosine_lr(50, 100, 1.0) == pytest.approx(0.55)
+    assert cosine_lr(100, 100, 1.0) == pytest.approx(0.1)
+    values = [cosine_lr(s, 100, 2e-4) for s in range(101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_cpu_is_plain_fp32():
+    cpu = check_device("cpu")
+    with autocast_context(cpu, "bfloat16"):
+        y = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert y.dtype == torch.float32
+    assert not grad_scaler(cpu, "float16").is_enabled()
+
+
+def test_data_order_is_seeded_and_splits_ranks():
+    a = DataOrder(103, 4, 2, 1, seed=5, dist_info=DistInfo())
+    b = DataOrder(103, 4, 2, 1, seed=5, dist_info=DistInfo())
+    assert [a.batch(m) for m in range(a.total_micro)] == [b.batch(m) for m in range(b.total_micro)]
+    assert a.batches_per_epoch == 25 and a.total_micro == 50
+    epoch0 = sum((a.batch(m) for m in range(25)), [])
+    assert len(set(epoch0)) == 100  # no repeats inside an epoch
+    assert a.batch(0) != a.batch(25)  # a new shuffle each epoch
+    r0 = DataOrder(103, 4, 1, 1, seed=5, dist_info=DistInfo(0, 0, 2))
+    r1 = DataOrder(103, 4, 1, 1, seed=5, dist_info=DistInfo(1, 1, 2))
+    s0 = set(sum((r0.batch(m) for m in range(r0.total_micro)), []))
+    s1 = set(sum((r1.batch(m) for m in range(r1.total_micro)), []))
+    assert r0.total_micro == r1.total_micro == 12 and not s0 & s1
+    with pytest.raises(UserError, match="--batch_size 64 x 2 process"):
+        DataOrder(100, 64, 1, 1, seed=0, dist_info=DistInfo(0, 0, 2))
+
+
+def test_rng_round_trip():
+    state = capture_rng()
+    x = (torch.rand(3), __import__("random").random())
+    restore_rng(state)
+    assert torch.equal(torch.rand(3), x[0]) and __import__("random").random() == x[1]
+
+
+def test_resume_args_difference_is_named():
+    check_resume_args({"beta": 1.0, "device": "cuda:0"}, {"beta": 1.0, "device": "cpu"}, "f")  # device may change
+    with pytest.raises(UserError, match=r"--beta 1.0 -> 2.0"):
+        check_resume_args({"beta": 1.0}, {"beta": 2.0}, "f")
+
+
+def test_logger_writes_metrics_every_interval(tmp_path):
+    path = str(tmp_path / "m.jsonl")
+    log = RunLogger(enabled=True, total_steps=5, start_step=0, log_interval=2, metrics_path=path)
+    for step in range(1, 6):
+        log.step(step, {"loss": torch.tensor(1.0 / step), "lr": 0.1}, force=step == 5)
+    log.close()
+    rows = [json.loads(l) for l in open(path)]
+    assert [r["step"] for r in rows] == [2, 4, 5] and rows[0]["loss"] == pytest.approx(0.5)
+    silent = RunLogger(enabled=False, total_steps=5, start_step=0, log_interval=1, metrics_path=str(tmp_path / "x"))
+    silent.step(1, {"loss": 1.0})
+    assert not (tmp_path / "x").exists()  # only rank 0 writes
+
+
+def test_wandb_failure_never_stops_training(monkeypatch, capsys):
+    fake = types.ModuleType("wandb")
+
+    def broken_init(**kwargs):
+        raise ConnectionError("no network")
+    fake.init = broken_init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    w = WandbLogger("p", "n", {})
+    w.log({"loss": 1.0}, step=1)
+    w.finish()
+    assert w.run_id is None and "wandb disabled" in capsys.readouterr().err
+
+
+def test_wandb_offline_when_not_logged_in(monkeypatch, tmp_path, capsys):
+    calls = {}
+    fake = types.ModuleType("wandb")
+
+    class Run:
+        id = "abc123"
+
+        def log(self, metrics, step):
+            calls.setdefault("log", []).append((step, metrics))
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        return Run()
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    w = WandbLogger("proj", "run", {"a": 1}, run_id="abc123")
+    assert __import__("os").environ["WANDB_MODE"] == "offline" and "offline" in capsys.readouterr().out
+    assert calls["init"]["id"] == "abc123" and calls["init"]["resume"] == "allow"
+    w.log({"loss": 0.5}, step=3)
+    w.finish()
+    assert calls["log"] == [(3, {"loss": 0.5})] and calls["finished"]
+
+
+def test_lora_on_moe_adapts_attention_only():
+    model = build_model(LMConfig(hidden_size=32, num_hidden_layers=2, use_moe=True, vocab_size=50))
+    apply_lora(model, rank=2)
+    trainable = {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    out = model(torch.randint(0, 50, (1, 5))).logits
+    assert out.shape == (1, 5, 50) and math.isfinite(float(out.sum()))
