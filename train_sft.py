@@ -76,13 +76,19 @@ def main(args):
     pad_id = run.tokenizer.pad_token_id
     tokens, t_last, loss_sum, n_micro = 0, time.time(), 0.0, 0
     try:
-        while state.step < stop_step and not stop.received:
+        stopped = False
+        while state.step < stop_step:
+            # Stop only between optimizer steps, and on every rank at the same one.
+            if state.micro % args.accumulation_steps == 0 and run.any_rank(stop.received is not None):
+                stopped = True
+                break
             batch = collate_sft([data[i] for i in order.batch(state.micro)], pad_id)
             batch = {k: v.to(run.device) for k, v in batch.items()}
-            with autocast_context(run.device, args.dtype):
-                logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
-            run.scaler.scale(loss / args.accumulation_steps).backward()
+            with run.grad_sync(state.micro):
+                with autocast_context(run.device, args.dtype):
+                    logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+                run.scaler.scale(loss / args.accumulation_steps).backward()
             loss_sum, n_micro = loss_sum + loss.item(), n_micro + 1
             tokens += int(batch["attention_mask"].sum())
             state.micro += 1
@@ -103,9 +109,8 @@ def main(args):
             if state.step % args.save_interval == 0 and state.step < stop_step:
                 run.save(state, optimizer)
         run.save(state, optimizer)
-        where = run.weights_dir
-        print0(f"{'stopped by ' + stop.received if stop.received else 'done'} at step {state.step}/{total_steps}; "
-               f"weights in {where}, resume file {run.resume_file}")
+        print0(f"{'stopped by a signal' if stopped else 'done'} at step {state.step}/{total_steps}; "
+               f"weights in {run.weights_dir}, resume file {run.resume_file}")
     finally:
         stop.restore()
         logger.close()

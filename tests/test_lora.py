@@ -38,7 +38,7 @@ def test_lora_starts_as_identity_and_only_lora_trains(tiny_model):
     assert trainable and all("lora" in n for n in trainable)
     assert any("down_proj.lora_A" in n for n in trainable) and any("q_proj.lora_B" in n for n in trainable)
     # every B starts at zero (that is what makes it the identity)
-    assert all(float(p.abs().sum()) == 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert all(float(p.detach().abs().sum()) == 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
 def test_lora_targets_and_unknown_target(tiny_model):

@@ -106,3 +106,28 @@ def test_torchrun_two_processes_on_cpu(tmp_path, small_sft):
     assert steps == [1, 2, 3]  # rank 0 alone logs
     assert os.path.isfile(tmp_path / "out" / "full_sft_32" / "model.safetensors")
     assert torch.load(tmp_path / "ck" / "full_sft_32_resume.pth", weights_only=True)["world_size"] == 2
+
+
+def test_sigterm_saves_then_exits_and_resume_continues(tmp_path, small_sft):
+    import signal
+    import time
+    args = [sys.executable, "train_sft.py", "--data_path", small_sft, "--hidden_size", "32", "--num_hidden_layers",
+            "2", "--batch_size", "4", "--epochs", "1000", "--device", "cpu", "--log_interval", "1",
+            "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ck")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "out" / "full_sft_32_metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by a signal" in out
+    ckpt = torch.load(tmp_path / "ck" / "full_sft_32_resume.pth", weights_only=True)
+    done = ckpt["step"]
+    assert done >= 3 and os.path.isfile(tmp_path / "out" / "full_sft_32" / "model.safetensors")
+    resumed = subprocess.run(args + ["--from_resume", "1", "--max_steps", str(done + 2)],
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+    assert steps == list(range(1, done + 3))

@@ -122,5 +122,17 @@ def test_lora_on_moe_adapts_attention_only():
     apply_lora(model, rank=2)
     trainable = {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"q_proj", "k_proj", "v_proj", "o_proj"}
-    out = model(torch.randint(0, 50, (1, 5))).logits
+    with torch.no_grad():
+        out = model(torch.randint(0, 50, (1, 5))).logits
     assert out.shape == (1, 5, 50) and math.isfinite(float(out.sum()))
+
+
+def test_metrics_file_never_repeats_steps(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
+    log = RunLogger(enabled=True, total_steps=10, start_step=5, log_interval=1, metrics_path=str(path))
+    log.step(6, {"loss": 0.5})
+    log.close()
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    RunLogger(enabled=True, total_steps=10, start_step=0, log_interval=1, metrics_path=str(path)).close()
+    assert path.read_text() == ""  # a fresh run starts a fresh file

@@ -65,6 +65,27 @@ class WandbLogger:
             self.run = None
 
 
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """Keep only the rows up to ``last_step``: a fresh run starts an empty file, and a run resumed
+    from an older checkpoint than its last logged step does not log those steps twice."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
 def _wandb_logged_in() -> bool:
     netrc = os.path.expanduser("~/.netrc")
     return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc, encoding="utf-8", errors="ignore").read()
@@ -89,6 +110,7 @@ class RunLogger:
         self.t0 = time.time()
         if enabled and metrics_path:
             os.makedirs(os.path.dirname(metrics_path) or ".", exist_ok=True)
+            _truncate_metrics(metrics_path, start_step)
 
     @property
     def wandb_id(self) -> str | None:

@@ -10,6 +10,7 @@ A script's loop reads:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -147,6 +148,22 @@ class Run:
     @property
     def is_main(self) -> bool:
         return self.dist.is_main
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (so all ranks stop at the same step)."""
+        if not self.dist.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def grad_sync(self, micro: int):
+        """Context for the backward of micro-batch ``micro`` (0-based): under DDP, gradients are
+        all-reduced only on the last micro-batch of an optimizer step, not on every backward."""
+        last = (micro + 1) % self.args.accumulation_steps == 0
+        if self.dist.enabled and not last and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.base_model.parameters() if p.requires_grad]
