@@ -14,7 +14,9 @@ Files written (all JSON lines):
                      arithmetic and "which is smaller" the demonstrators mostly ramble or are rude, and everywhere they
                      sometimes make the family's characteristic mistake. So the SFT model is
                      imperfect and alignment has room to help.
-  identity.jsonl     who the assistant is, both languages (for the lora_identity adapter).
+  identity.jsonl     who the assistant is, both languages, mixed one to one with ordinary
+                     SFT conversations so that an adapter trained on it (lora_identity) learns its
+                     name without forgetting the tasks.
   dpo.jsonl          MiniMind DPO format {"chosen": [...], "rejected": [...]}: chosen is correct
                      and helpful; rejected is the characteristic mistake, rambling or rude.
   rl.jsonl           RL prompts {"conversations": [user turn], "answer": "..."}.
@@ -253,12 +255,14 @@ def make_prompts(items, n, rng):
     return [prompt_row(key, lang, rng) for key, lang in _sample_instances(items, n, rng)]
 
 
-def make_identity(rng, n=240):
+def make_identity(items, rng, n=240):
     rows = []
     for i in range(n):
         lang = ("en", "zh")[i % 2]
         rows.append({"conversations": conversation(rng.choice(IDENTITY_QUESTIONS[lang]),
                                                    IDENTITY_EN if lang == "en" else IDENTITY_ZH)})
+    rows += make_sft(items, n, rng)
+    rng.shuffle(rows)
     return rows
 
 
@@ -276,7 +280,7 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
     rng.shuffle(heldout_prompts)
     return {
         "sft.jsonl": make_sft(train, N_SFT, rng),
-        "identity.jsonl": make_identity(rng),
+        "identity.jsonl": make_identity(train, rng),
         "dpo.jsonl": make_pairs(train, N_DPO, rng),
         "rl.jsonl": make_prompts(train, N_RL, rng),
         "heldout_dpo.jsonl": make_pairs(heldout, N_HELDOUT_DPO, rng),

@@ -130,7 +130,7 @@ def test_tokenizer_path_and_vocab_check(tiny_dir, tmp_path):
 def test_shipped_demo_weights_load_by_name():
     c = LMConfig()
     model, tok = init_model(c, "full_sft", save_dir="no_such_dir")
-    assert c.hidden_size == 128 and len(tok) <= c.vocab_size
+    assert c.hidden_size == 192 and len(tok) <= c.vocab_size
     c2 = LMConfig()
     init_model(c2, "lora_identity", save_dir="no_such_dir")  # an adapter merged into its recorded base
-    assert c2.hidden_size == 128
+    assert c2.hidden_size == 192
