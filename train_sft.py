@@ -24,7 +24,7 @@ from utils.logging import RunLogger
 from utils.logprobs import masked_reduce, token_logprobs
 from utils.runtime import autocast_context, print0
 from utils.schedule import cosine_lr
-from utils.train import DataOrder, Run, StopSignal, clip_and_step
+from utils.train import DataOrder, Run, StopSignal, clip_and_step, validate_common_args
 
 DEMO_HIDDEN_SIZE, DEMO_LAYERS = 192, 4
 
@@ -55,8 +55,10 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
 
 
 def main(args):
+    validate_common_args(args)                # bad flags and bad data stop the run before any model is built
+    conversations = load_sft(args.data_path)
     run = Run(args, "sft")
-    data = SFTDataset(load_sft(args.data_path), run.tokenizer, args.max_seq_len)
+    data = SFTDataset(conversations, run.tokenizer, args.max_seq_len)
     if data.skipped:
         print0(f"skipped {data.skipped} conversation(s) whose last response does not fit --max_seq_len {args.max_seq_len}")
     order = DataOrder(len(data), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,

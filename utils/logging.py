@@ -34,8 +34,8 @@ class WandbLogger:
             import wandb
             if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
                 os.environ["WANDB_MODE"] = "offline"
-                print("wandb: not logged in, logging offline (sync later with `wandb sync wandb/offline-run-*`)",
-                      flush=True)
+                print(f"wandb: not logged in, logging offline (sync later with "
+                      f"`wandb sync {os.path.join(out_dir, 'wandb', 'offline-run-*')}`)", flush=True)
             self.run = wandb.init(project=project, name=name, config=config, id=run_id,
                                   resume="allow" if run_id else None, dir=out_dir)
         except Exception as e:  # no network, bad key, wandb broken: warn, keep training

@@ -1,12 +1,14 @@
 """What every training script does around its loss: set-up, data order, saving, resuming, stopping.
 
-A script's loop reads:
+A script's loop reads (train_sft.py is the plainest example):
 
-    run = setup_run(args)                                   # DDP, device, model (+LoRA), tokenizer
-    order = DataOrder(len(dataset), args.batch_size, ...)   # seeded, resumable, rank-sliced
-    state = run.resume_or_start(args, optimizer, order)     # --from_resume 1
-    for micro in range(state.micro, order.total_micro): ... # forward through run.model (DDP)
-        ... run.save(...) every --save_interval, at the end, and on SIGTERM/SIGINT
+    run = Run(args, "sft")                                  # DDP, device, model (+LoRA), tokenizer
+    order = DataOrder(len(data), args.batch_size, ...)      # seeded, resumable, rank-sliced
+    state = run.resume_or_start(optimizer, order)           # --from_resume 1
+    while state.step < stop_step:                           # micro-batches order.batch(state.micro)
+        with run.grad_sync(state.micro): loss.backward()    # forward through run.model (DDP)
+        ... clip_and_step(run, optimizer, args.grad_clip) at each accumulation boundary
+        ... run.save(state, optimizer) every --save_interval, at the end, and on SIGTERM/SIGINT
 """
 from __future__ import annotations
 
