@@ -30,11 +30,10 @@ from utils.runtime import default_device
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Held-out preference and answer accuracy of a model.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--from_weight", default="full_sft", help="model: a name, a path, or none")
+    p = argparse.ArgumentParser(description="Held-out preference and answer accuracy of a model.")
+    p.add_argument("--from_weight", default="full_sft", help="model: a name, a path, or none (default: %(default)s, the shipped demo SFT)")
     p.add_argument("--lora_weight", default=None, help="adapter (name or folder) merged on top of --from_weight")
-    p.add_argument("--save_dir", default="out", help="where names are looked up first (then the shipped demo)")
+    p.add_argument("--save_dir", default="out", help="where names are looked up first, then the shipped demo (default: %(default)s)")
     p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: the model's, else the shipped one)")
     p.add_argument("--hidden_size", type=int, default=None, help="model width (default: the checkpoint's)")
     p.add_argument("--num_hidden_layers", type=int, default=None, help="layers (default: the checkpoint's)")
@@ -43,10 +42,10 @@ def parse_args(argv=None):
                    help="prompts with an \"answer\" field (default: the project's dataset/heldout_rl.jsonl)")
     p.add_argument("--pairs", default=project_path("dataset", "heldout_dpo.jsonl"),
                    help="preference pairs (default: the project's dataset/heldout_dpo.jsonl)")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="longest greedy response")
-    p.add_argument("--max_seq_len", type=int, default=256, help="longest prompt + response when scoring pairs")
-    p.add_argument("--batch_size", type=int, default=64, help="sequences per forward")
-    p.add_argument("--device", default=default_device(), help="cpu or cuda:N")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="longest greedy response in tokens (default: %(default)s)")
+    p.add_argument("--max_seq_len", type=int, default=256, help="longest prompt + response when scoring pairs (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=64, help="sequences per forward (default: %(default)s)")
+    p.add_argument("--device", default=default_device(), help="cpu or cuda:N (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     return p.parse_args(argv)
 

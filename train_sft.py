@@ -30,8 +30,7 @@ DEMO_HIDDEN_SIZE, DEMO_LAYERS = 192, 4
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Supervised fine-tuning (full or LoRA).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="Supervised fine-tuning (full or LoRA).")
     add_common_args(parser, save_weight="full_sft", data_path="dataset/sft.jsonl", epochs=8, batch_size=32,
                     learning_rate=2e-3, max_seq_len=128, from_weight="none", log_interval=50, save_interval=500,
                     use_lora=0)

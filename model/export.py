@@ -21,14 +21,14 @@ from utils.errors import UserError, run_cli
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base; write a Hugging Face model folder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base; write a Hugging Face model folder.")
     p.add_argument("--from_weight", default="full_sft",
-                   help="base model (name, path), or an adapter alone, merged into the base it records")
+                   help="base model (name, path), or an adapter alone, merged into the base it records "
+                        "(default: %(default)s)")
     p.add_argument("--lora_weight", default=None, help="adapter (name or folder) merged on top of --from_weight")
     p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--save_dir", default="out", help="where names are looked up first (then the shipped demo)")
+    p.add_argument("--save_dir", default="out", help="where names are looked up first, then the shipped demo (default: %(default)s)")
     p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: the model's, else the shipped one)")
     p.add_argument("--hidden_size", type=int, default=None, help="model width (default: the checkpoint's)")
     p.add_argument("--num_hidden_layers", type=int, default=None, help="layers (default: the checkpoint's)")

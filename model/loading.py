@@ -170,6 +170,10 @@ def infer_lm_config(sd: dict[str, torch.Tensor], path: str) -> LMConfig:
         heads = sd["model.layers.0.self_attn.q_proj.weight"].shape[0] // head_dim
         kv_heads = sd["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim
     except (KeyError, ValueError) as e:
+        if "model.embed_tokens.weight" in sd and "model.layers.0.self_attn.q_norm.weight" not in sd:
+            raise UserError(f"{path} has no q/k norm weights (model.layers.0.self_attn.q_norm.weight): it is an "
+                            f"older MiniMind architecture; this project loads MiniMind's current (Qwen3-style) "
+                            f"models, or any Hugging Face model folder")
         raise UserError(f"{path} does not look like a MiniMind/Qwen3 state dict (no {e}); "
                         f"its first keys are {list(sd)[:4]}")
     use_moe = any(".mlp.experts." in k for k in sd)

@@ -134,3 +134,11 @@ def test_shipped_demo_weights_load_by_name():
     c2 = LMConfig()
     init_model(c2, "lora_identity", save_dir="no_such_dir")  # an adapter merged into its recorded base
     assert c2.hidden_size == 192
+
+
+def test_state_dict_without_qk_norm_is_named_as_older_minimind(tiny_model, tmp_path):
+    model, _ = tiny_model
+    sd = {k: v for k, v in model.state_dict().items() if "_norm" not in k or "layernorm" in k}
+    torch.save(sd, tmp_path / "old.pth")
+    with pytest.raises(UserError, match="older MiniMind architecture"):
+        init_model(LMConfig(), str(tmp_path / "old.pth"))

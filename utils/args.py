@@ -31,9 +31,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
     g.add_argument("--tokenizer_path", default=None,
                    help="tokenizer folder (default: the checkpoint folder's own, else the shipped model/)")
     g.add_argument("--hidden_size", type=int, default=None,
-                   help="model width (default: the checkpoint's own; 512 with --from_weight none)")
+                   help="model width (default: the checkpoint's own; with --from_weight none, MiniMind's 512, "
+                        "or the demo's 192 in train_sft.py)")
     g.add_argument("--num_hidden_layers", type=int, default=None,
-                   help="number of layers (default: the checkpoint's own; 8 with --from_weight none)")
+                   help="number of layers (default: the checkpoint's own; with --from_weight none, MiniMind's 8, "
+                        "or the demo's 4 in train_sft.py)")
     g.add_argument("--use_moe", type=int, choices=[0, 1], default=None,
                    help="mixture-of-experts model (default: the checkpoint's own; 0 with --from_weight none)")
     g.add_argument("--max_seq_len", type=int, default=max_seq_len,
