@@ -106,3 +106,20 @@ def test_formats_accepted(tmp_path):
     prompts = load_prompts(write(tmp_path, [dict(GOOD, answer="7"), {"prompt": "q", "answer": "8"}], "p.jsonl"))
     assert prompts[0] == {"prompt": [{"role": "user", "content": "q"}], "answer": "7"}  # trailing assistant dropped
     assert prompts[1]["answer"] == "8"
+
+
+def test_tokenizer_script_reproduces_the_shipped_tokenizer(tmp_path):
+    from model.train_tokenizer import main as train_tokenizer_main
+    train_tokenizer_main(["--out", str(tmp_path)])
+    shipped = json.load(open("model/tokenizer.json", encoding="utf-8"))
+    rebuilt = json.load(open(tmp_path / "tokenizer.json", encoding="utf-8"))
+    assert rebuilt["model"]["vocab"] == shipped["model"]["vocab"]
+    assert rebuilt["model"]["merges"] == shipped["model"]["merges"]
+    assert load_tokenizer(str(tmp_path)).chat_template == load_tokenizer().chat_template
+
+
+def test_demo_world_cli_writes_the_files(tmp_path):
+    from dataset import demo_world
+    demo_world.main(["--out", str(tmp_path)])
+    for name in ("sft.jsonl", "dpo.jsonl", "rl.jsonl", "identity.jsonl", "heldout_dpo.jsonl", "heldout_rl.jsonl"):
+        assert (tmp_path / name).read_bytes() == open(f"dataset/{name}", "rb").read()
