@@ -23,7 +23,7 @@ from dataset.answers import is_correct
 from dataset.data import encode_pairs, encode_prompt, load_pairs, load_prompts, pad_batch
 from model import LMConfig, init_model
 from model.loading import add_lora_weight
-from utils.args import project_path
+from utils.args import add_model_args, project_path
 from utils.errors import UserError, run_cli
 from utils.logprobs import sequence_logprobs
 from utils.runtime import default_device
@@ -31,13 +31,9 @@ from utils.runtime import default_device
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Held-out preference and answer accuracy of a model.")
-    p.add_argument("--from_weight", default="full_sft", help="model: a name, a path, or none (default: %(default)s, the shipped demo SFT)")
+    add_model_args(p, "full_sft", "model: a name, a path, or none (the default is the shipped demo SFT)")
     p.add_argument("--lora_weight", default=None, help="adapter (name or folder) merged on top of --from_weight")
     p.add_argument("--save_dir", default="out", help="where names are looked up first, then the shipped demo (default: %(default)s)")
-    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: the model's, else the shipped one)")
-    p.add_argument("--hidden_size", type=int, default=None, help="model width (default: the checkpoint's)")
-    p.add_argument("--num_hidden_layers", type=int, default=None, help="layers (default: the checkpoint's)")
-    p.add_argument("--use_moe", type=int, choices=[0, 1], default=None, help="MoE model (default: the checkpoint's)")
     p.add_argument("--data", default=project_path("dataset", "heldout_rl.jsonl"),
                    help="prompts with an \"answer\" field (default: the project's dataset/heldout_rl.jsonl)")
     p.add_argument("--pairs", default=project_path("dataset", "heldout_dpo.jsonl"),
@@ -110,8 +106,7 @@ def evaluate(model, tokenizer, args) -> dict:
 
 
 def main(args):
-    lm_config = LMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                         use_moe=None if args.use_moe is None else bool(args.use_moe))
+    lm_config = LMConfig.from_args(args)
     model, tokenizer = init_model(lm_config, args.from_weight, device=args.device, save_dir=args.save_dir,
                                   tokenizer_path=args.tokenizer_path)
     if args.lora_weight:

@@ -194,11 +194,9 @@ def encode_conversation(tokenizer, messages: list[dict], max_len: int):
             mask += [0] * (len(prefix) - len(ids))
         else:                              # a template that re-renders earlier turns: context only
             mask = [0] * len(prefix)
-        ids = prefix
         resp = encode_response(tokenizer, m["content"])
-        ids, mask = ids + resp, mask + [1] * len(resp)
-    last_resp = len(encode_response(tokenizer, messages[-1]["content"]))
-    if last_resp >= max_len:
+        ids, mask = prefix + resp, mask + [1] * len(resp)
+    if len(resp) >= max_len:  # the last response (conversations end with one) cannot fit
         return None
     return ids[-max_len:], mask[-max_len:]
 

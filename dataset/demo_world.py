@@ -11,9 +11,9 @@ Every task instance has one exact answer, stated at the end of a good response a
 Files written (all JSON lines):
   sft.jsonl          MiniMind SFT format {"conversations": [...]}. Deliberately flawed like
                      real demonstrations (SFT_UNHELPFUL_RATE, SFT_MISTAKE_RATE below): on
-                     arithmetic and "which is smaller" the demonstrators mostly ramble or are rude, and everywhere they
-                     sometimes make the family's characteristic mistake. So the SFT model is
-                     imperfect and alignment has room to help.
+                     arithmetic and "which is smaller" the demonstrators mostly ramble or are
+                     rude, and everywhere they sometimes make the family's characteristic
+                     mistake. So the SFT model is imperfect and alignment has room to help.
   identity.jsonl     who the assistant is, both languages, mixed one to one with ordinary
                      SFT conversations so that an adapter trained on it (lora_identity) learns its
                      name without forgetting the tasks.
@@ -34,6 +34,8 @@ import argparse
 import json
 import os
 import random
+
+from utils.files import atomic_file
 
 SEED = 1234
 HELDOUT_FRACTION = 0.12
@@ -289,11 +291,9 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path, encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None):

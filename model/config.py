@@ -124,6 +124,12 @@ class LMConfig:
                 kw[name] = getattr(hf_config, name)
         return cls(**kw)
 
+    @classmethod
+    def from_args(cls, args) -> "LMConfig":
+        """The sizes a script's --hidden_size / --num_hidden_layers / --use_moe ask for (None: not given)."""
+        return cls(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                   use_moe=None if args.use_moe is None else bool(args.use_moe))
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -12,46 +12,40 @@ as ``--from_weight`` of every script here.
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
 
 from model import LMConfig, init_model
 from model.loading import add_lora_weight
+from utils.args import add_model_args
 from utils.errors import UserError, run_cli
+from utils.files import atomic_dir
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base; write a Hugging Face model folder.")
-    p.add_argument("--from_weight", default="full_sft",
-                   help="base model (name, path), or an adapter alone, merged into the base it records "
-                        "(default: %(default)s)")
+    add_model_args(p, "full_sft", "base model (name, path), or an adapter alone, merged into the base it records")
     p.add_argument("--lora_weight", default=None, help="adapter (name or folder) merged on top of --from_weight")
     p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--save_dir", default="out", help="where names are looked up first, then the shipped demo (default: %(default)s)")
-    p.add_argument("--tokenizer_path", default=None, help="tokenizer folder (default: the model's, else the shipped one)")
-    p.add_argument("--hidden_size", type=int, default=None, help="model width (default: the checkpoint's)")
-    p.add_argument("--num_hidden_layers", type=int, default=None, help="layers (default: the checkpoint's)")
-    p.add_argument("--use_moe", type=int, choices=[0, 1], default=None, help="MoE model (default: the checkpoint's)")
     return p.parse_args(argv)
 
 
-def export(model, tokenizer, out: str) -> None:
-    """Write model and tokenizer to ``out`` atomically (a temp folder, then rename)."""
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+def export(model, tokenizer, out: str, meta: dict | None = None) -> None:
+    """Write model and tokenizer (and ``meta`` as minialign.json) to ``out`` atomically."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if meta is not None:
+            with open(os.path.join(tmp, "minialign.json"), "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2, ensure_ascii=False)
 
 
 def main(args):
     if os.path.exists(args.out) and not args.overwrite:
         raise UserError(f"--out {args.out} already exists; choose another folder or pass --overwrite")
-    lm_config = LMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                         use_moe=None if args.use_moe is None else bool(args.use_moe))
+    lm_config = LMConfig.from_args(args)
     model, tokenizer = init_model(lm_config, args.from_weight, device="cpu", save_dir=args.save_dir,
                                   tokenizer_path=args.tokenizer_path)
     if args.lora_weight:

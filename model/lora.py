@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from model.strict import key_mismatch
 from utils.errors import UserError
+from utils.files import atomic_dir
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -74,28 +74,18 @@ def save_lora(model, out_dir: str, base: str | None = None, lm_config=None,
     merged into it later, with the path it resolved to (``model.weight_source``, set by
     ``init_model``) relative to the adapter folder; lm_config: the base's LMConfig.
     """
-    out_dir = out_dir.rstrip("/")
-    tmp, old = out_dir + ".tmp", out_dir + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(lora_state_dict(model, adapter_name), os.path.join(tmp, ADAPTER_WEIGHTS))
-    config = model.peft_config[adapter_name]
-    config.base_model_name_or_path = base
-    config.inference_mode = True
-    config.save_pretrained(tmp)
     source = getattr(model, "weight_source", None)
     base_path = os.path.relpath(os.path.abspath(source.path), os.path.abspath(out_dir)) if source and source.path else None
     meta = {"base": base, "base_path": base_path,
             "lm_config": lm_config.to_dict() if lm_config is not None else None, **(extra or {})}
-    with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, ensure_ascii=False)
-    # The previous adapter stays whole until the new one is: a crash between the two renames
-    # leaves it in "<out_dir>.old", which resolve_weight also finds.
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    config = model.peft_config[adapter_name]
+    config.base_model_name_or_path = base
+    config.inference_mode = True
+    with atomic_dir(out_dir) as tmp:
+        save_file(lora_state_dict(model, adapter_name), os.path.join(tmp, ADAPTER_WEIGHTS))
+        config.save_pretrained(tmp)
+        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, ensure_ascii=False)
 
 
 def is_adapter_dir(path: str) -> bool:

@@ -18,6 +18,21 @@ def project_path(*parts: str) -> str:
     return os.path.join(PROJECT_DIR, *parts)
 
 
+def add_model_args(group, from_weight: str, from_weight_help: str) -> None:
+    """The flags that say which model to load: --from_weight, --tokenizer_path and the sizes."""
+    group.add_argument("--from_weight", default=from_weight, help=from_weight_help + " (default: %(default)s)")
+    group.add_argument("--tokenizer_path", default=None,
+                       help="tokenizer folder (default: the checkpoint folder's own, else the shipped model/)")
+    group.add_argument("--hidden_size", type=int, default=None,
+                       help="model width (default: the checkpoint's own; with --from_weight none, MiniMind's 512, "
+                            "or the demo's 192 in train_sft.py)")
+    group.add_argument("--num_hidden_layers", type=int, default=None,
+                       help="number of layers (default: the checkpoint's own; with --from_weight none, MiniMind's 8, "
+                            "or the demo's 4 in train_sft.py)")
+    group.add_argument("--use_moe", type=int, choices=[0, 1], default=None,
+                       help="mixture-of-experts model (default: the checkpoint's own; 0 with --from_weight none)")
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_path: str,
                     epochs: int = 1, batch_size: int = 16, learning_rate: float = 1e-4,
                     max_seq_len: int = 256, from_weight: str = "full_sft", log_interval: int = 10,
@@ -25,19 +40,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
     g = parser.add_argument_group("data and model")
     g.add_argument("--data_path", default=project_path(data_path),
                    help=f"training data, JSON lines (default: the project's {data_path})")
-    g.add_argument("--from_weight", default=from_weight,
-                   help="starting weights: none, a path (model folder, adapter folder, .safetensors/.pth) "
-                        "or a name looked up in --save_dir, then the shipped demo (default: %(default)s)")
-    g.add_argument("--tokenizer_path", default=None,
-                   help="tokenizer folder (default: the checkpoint folder's own, else the shipped model/)")
-    g.add_argument("--hidden_size", type=int, default=None,
-                   help="model width (default: the checkpoint's own; with --from_weight none, MiniMind's 512, "
-                        "or the demo's 192 in train_sft.py)")
-    g.add_argument("--num_hidden_layers", type=int, default=None,
-                   help="number of layers (default: the checkpoint's own; with --from_weight none, MiniMind's 8, "
-                        "or the demo's 4 in train_sft.py)")
-    g.add_argument("--use_moe", type=int, choices=[0, 1], default=None,
-                   help="mixture-of-experts model (default: the checkpoint's own; 0 with --from_weight none)")
+    add_model_args(g, from_weight, "starting weights: none, a path (model folder, adapter folder, "
+                   ".safetensors/.pth) or a name looked up in --save_dir, then the shipped demo")
     g.add_argument("--max_seq_len", type=int, default=max_seq_len,
                    help="longest prompt + response in tokens; prompts are cut from the left (default: %(default)s)")
 

@@ -17,6 +17,7 @@ import torch
 from model.config import weight_name
 from model.strict import key_mismatch
 from utils.errors import UserError
+from utils.files import atomic_file
 
 # Args that may change between a run and its resume without changing what is trained.
 RESUME_FREE_ARGS = {"from_resume", "device", "log_interval", "save_interval", "use_wandb", "wandb_project",
@@ -71,12 +72,8 @@ def load_trainable_state(model, state: dict[str, torch.Tensor], path: str) -> No
 def save_resume(path: str, state: dict) -> None:
     """Write ``state`` to ``path`` atomically (temp file, fsync, rename)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_resume(path: str) -> dict:

@@ -14,6 +14,8 @@ import time
 
 from tqdm import tqdm
 
+from utils.files import atomic_file
+
 
 def _fmt(v) -> str:
     if isinstance(v, float):
@@ -80,10 +82,8 @@ def _truncate_metrics(path: str, last_step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a crash
     if len(keep) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(path, encoding="utf-8") as f:
             f.writelines(keep)
-        os.replace(tmp, path)
 
 
 def _wandb_logged_in() -> bool:

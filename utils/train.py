@@ -13,9 +13,7 @@ A script's loop reads (train_sft.py is the plainest example):
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import signal
 from dataclasses import dataclass, field
 
@@ -23,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import LMConfig, apply_lora, init_model, save_lora, weight_name
+from model.export import export
 from model.lora import trainable_parameters
 from utils.checkpoint import (capture_rng, check_resume_args, load_resume, load_trainable_state, restore_rng,
                               resume_path, save_resume, trainable_state)
@@ -56,7 +55,7 @@ class DataOrder:
 
     def __init__(self, n: int, batch_size: int, epochs: int, accumulation_steps: int, seed: int,
                  dist_info: DistInfo, what: str = "examples"):
-        self.n, self.batch_size, self.epochs, self.accum, self.seed = n, batch_size, epochs, accumulation_steps, seed
+        self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world = dist_info.rank, dist_info.world_size
         self.batches_per_epoch = n // (batch_size * self.world)
         if self.batches_per_epoch == 0:
@@ -121,8 +120,7 @@ class Run:
         self.args, self.algorithm = args, algorithm
         self.dist, self.device = init_distributed(args.device)
         seed_everything(args.seed)
-        self.lm_config = LMConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                                  use_moe=None if args.use_moe is None else bool(args.use_moe))
+        self.lm_config = LMConfig.from_args(args)
         model, self.tokenizer = init_model(self.lm_config, args.from_weight, device=self.device,
                                            save_dir=args.save_dir, tokenizer_path=args.tokenizer_path)
         if args.use_lora:
@@ -227,17 +225,7 @@ class Run:
             save_lora(self.base_model, self.weights_dir, base=self.args.from_weight, lm_config=self.lm_config,
                       extra=meta)
             return
-        tmp, old = self.weights_dir + ".tmp", self.weights_dir + ".old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.base_model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "minialign.json"), "w", encoding="utf-8") as f:
-            json.dump({"base": self.args.from_weight, **meta}, f, indent=2)
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.isdir(self.weights_dir):
-            os.replace(self.weights_dir, old)
-        os.replace(tmp, self.weights_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        export(self.base_model, self.tokenizer, self.weights_dir, meta={"base": self.args.from_weight, **meta})
 
     def close(self) -> None:
         if self.dist.enabled and torch.distributed.is_initialized():

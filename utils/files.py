@@ -1,0 +1,37 @@
+"""Atomic writes: a file or a folder is replaced only once its new version is whole."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w", **open_kwargs):
+    """Write to ``path.tmp`` inside the block, then fsync and rename it over ``path``.
+    A crash inside the block leaves the previous ``path`` untouched."""
+    tmp = path + ".tmp"
+    with open(tmp, mode, **open_kwargs) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+    """Yield an empty ``path.tmp`` folder to fill; afterwards it replaces ``path``.
+
+    The previous folder stays whole until the new one is: a crash between the two renames
+    leaves it in ``path.old`` (which ``model.loading.resolve_weight`` also finds).
+    """
+    path = path.rstrip("/")
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    yield tmp
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
