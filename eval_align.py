@@ -20,12 +20,12 @@ from collections import defaultdict
 import torch
 
 from dataset.answers import is_correct
-from dataset.data import encode_pairs, encode_prompt, load_pairs, load_prompts, pad_batch
+from dataset.data import collate_pairs, encode_pairs, encode_prompt, load_pairs, load_prompts, pad_batch
 from model import LMConfig, init_model
 from model.loading import add_lora_weight
 from utils.args import add_model_args, project_path
 from utils.errors import UserError, run_cli
-from utils.logprobs import sequence_logprobs
+from utils.logprobs import model_sequence_logprobs
 from utils.runtime import default_device
 
 
@@ -55,12 +55,8 @@ def pair_accuracy(model, tokenizer, pairs: list[dict], max_seq_len: int, batch_s
     wins = 0
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        seqs = [p + c for p, c, _ in chunk] + [p + r for p, _, r in chunk]
-        masks = [[0] * len(p) + [1] * len(c) for p, c, _ in chunk] + [[0] * len(p) + [1] * len(r) for p, _, r in chunk]
-        input_ids = pad_batch(seqs, tokenizer.pad_token_id).to(device)
-        attention_mask = pad_batch([[1] * len(s) for s in seqs], 0).to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        logps = sequence_logprobs(logits, input_ids, pad_batch(masks, 0).to(device), reduce="mean")
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, tokenizer.pad_token_id).items()}
+        logps = model_sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
         n = len(chunk)
         wins += int((logps[:n] > logps[n:]).sum())
     return wins / len(items), len(items)

@@ -13,18 +13,15 @@ demonstrations, which is what makes the shipped SFT model imperfect on purpose.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from dataset.data import SFTDataset, collate_sft, load_sft
 from utils.args import add_common_args
 from utils.errors import run_cli
-from utils.logging import RunLogger
-from utils.logprobs import masked_reduce, token_logprobs
-from utils.runtime import autocast_context, print0
-from utils.schedule import cosine_lr
-from utils.train import DataOrder, Run, StopSignal, clip_and_step, validate_common_args
+from utils.logprobs import token_logprobs
+from utils.runtime import print0
+from utils.train import DataOrder, Run, train, validate_common_args
 
 DEMO_HIDDEN_SIZE, DEMO_LAYERS = 192, 4
 
@@ -62,61 +59,16 @@ def main(args):
         print0(f"skipped {data.skipped} conversation(s) whose last response does not fit --max_seq_len {args.max_seq_len}")
     order = DataOrder(len(data), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,
                       what="conversations")
-    # The schedule spans all epochs; --max_steps only stops early, so a run stopped there and
-    # resumed later follows the same learning-rate curve as one that never stopped.
-    total_steps = order.total_steps
-    stop_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    optimizer = torch.optim.AdamW(run.trainable_parameters(), lr=args.learning_rate, weight_decay=0.0)
-    state = run.resume_or_start(optimizer, order)
-    logger = RunLogger(enabled=run.is_main, total_steps=stop_step, start_step=state.step,
-                       log_interval=args.log_interval, metrics_path=run.metrics_path, use_wandb=args.use_wandb,
-                       wandb_project=args.wandb_project, run_name=run.stem, config=vars(args),
-                       wandb_id=state.wandb_id, desc="sft")
-    state.wandb_id = logger.wandb_id
-    stop = StopSignal()
     pad_id = run.tokenizer.pad_token_id
-    tokens, t_last, loss_sum, n_micro = 0, time.time(), 0.0, 0
-    try:
-        stopped = False
-        while state.step < stop_step:
-            # Stop only between optimizer steps, and on every rank at the same one.
-            if state.micro % args.accumulation_steps == 0 and run.any_rank(stop.received is not None):
-                stopped = True
-                break
-            batch = collate_sft([data[i] for i in order.batch(state.micro)], pad_id)
-            batch = {k: v.to(run.device) for k, v in batch.items()}
-            with run.grad_sync(state.micro):
-                with autocast_context(run.device, args.dtype):
-                    logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
-                run.scaler.scale(loss / args.accumulation_steps).backward()
-            loss_sum, n_micro = loss_sum + loss.item(), n_micro + 1
-            tokens += int(batch["attention_mask"].sum())
-            state.micro += 1
-            if state.micro % args.accumulation_steps:
-                continue
-            lr = cosine_lr(state.step, total_steps, args.learning_rate)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            grad_norm = clip_and_step(run, optimizer, args.grad_clip)
-            state.step += 1
-            now = time.time()
-            logger.step(state.step, {"loss": loss_sum / n_micro, "lr": lr, "grad_norm": grad_norm,
-                                     "epoch": order.epoch_of(state.micro - 1),
-                                     "tokens_per_sec": tokens * run.dist.world_size / max(now - t_last, 1e-9)},
-                        force=state.step == stop_step)
-            if state.step % args.log_interval == 0:
-                tokens, t_last, loss_sum, n_micro = 0, now, 0.0, 0
-            if state.step % args.save_interval == 0 and state.step < stop_step:
-                run.save(state, optimizer)
-        run.save(state, optimizer)
-        print0(f"{'stopped by a signal' if stopped else 'done'} at step {state.step}/{total_steps}; "
-               f"weights in {run.weights_dir}, resume file {run.resume_file}")
-    finally:
-        stop.restore()
-        logger.close()
-        run.close()
-    return run.weights_dir
+
+    def micro_step(indices):
+        batch = {k: v.to(run.device) for k, v in collate_sft([data[i] for i in indices], pad_id).items()}
+        with run.autocast():
+            logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+        return loss, {}, int(batch["attention_mask"].sum())
+
+    return train(run, order, micro_step, desc="sft")
 
 
 if __name__ == "__main__":

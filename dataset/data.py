@@ -256,3 +256,19 @@ def encode_pairs(pairs: list[dict], tokenizer, max_len: int):
         keep = min(len(fc[0]), len(fr[0]))  # the same prompt for both
         items.append((prompt[-keep:], chosen, rejected))
     return items, skipped
+
+
+def collate_pairs(items, pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen and rejected of each pair in one batch, for one concatenated forward.
+
+    items: (prompt_ids, chosen_ids, rejected_ids) from ``encode_pairs``. Returns input_ids,
+    attention_mask and response_mask, each (2B, T), right-padded: rows 0..B-1 are the chosen
+    sequences, rows B..2B-1 the rejected ones in the same order.
+    """
+    seqs = [p + c for p, c, _ in items] + [p + r for p, _, r in items]
+    masks = [[0] * len(p) + [1] * len(c) for p, c, _ in items] + [[0] * len(p) + [1] * len(r) for p, _, r in items]
+    return {
+        "input_ids": pad_batch(seqs, pad_id),
+        "attention_mask": pad_batch([[1] * len(s) for s in seqs], 0),
+        "response_mask": pad_batch(masks, 0),
+    }

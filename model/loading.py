@@ -133,11 +133,12 @@ def _size_words(c: LMConfig) -> str:
 def _check_sizes(path: str, asked: LMConfig, real: LMConfig) -> None:
     """Stop when a size the user gave disagrees with what the checkpoint really is."""
     given = []
-    if asked.hidden_size is not None and asked.hidden_size != real.hidden_size:
+    # A size the checkpoint does not record (None) is not checked here; the strict load checks it.
+    if None not in (asked.hidden_size, real.hidden_size) and asked.hidden_size != real.hidden_size:
         given.append(f"--hidden_size {asked.hidden_size}")
-    if asked.num_hidden_layers is not None and asked.num_hidden_layers != real.num_hidden_layers:
+    if None not in (asked.num_hidden_layers, real.num_hidden_layers) and asked.num_hidden_layers != real.num_hidden_layers:
         given.append(f"--num_hidden_layers {asked.num_hidden_layers}")
-    if asked.use_moe is not None and bool(asked.use_moe) != bool(real.use_moe):
+    if None not in (asked.use_moe, real.use_moe) and bool(asked.use_moe) != bool(real.use_moe):
         given.append(f"--use_moe {int(bool(asked.use_moe))}")
     if given:
         raise UserError(f"{path} has {_size_words(real)} but {' '.join(given)} was given; "

@@ -30,6 +30,39 @@ def tiny_model(tiny_dir):
     return model, tok
 
 
+def first_lines(src: str, n: int, dest_dir) -> str:
+    """A copy of the first ``n`` lines of the project file ``src`` in ``dest_dir``; its path."""
+    with open(src, encoding="utf-8") as f:
+        lines = [next(f) for _ in range(n)]
+    dest = os.path.join(str(dest_dir), os.path.basename(src))
+    with open(dest, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    return dest
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a torchrun rendezvous."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def interrupt_after(cmd: list[str], metrics_path, steps: int, sig):
+    """Start the training command ``cmd``, send it ``sig`` once ``steps`` steps are in its
+    metrics file, and return (returncode, stdout, stderr)."""
+    import subprocess
+    import time
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not os.path.exists(metrics_path)
+                                      or len(open(metrics_path).read().splitlines()) < steps):
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
 def sample_ids(vocab=1000, shape=(2, 9), seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, shape, generator=g)

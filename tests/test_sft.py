@@ -9,16 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from train_sft import main, parse_args
+from conftest import first_lines, free_port, interrupt_after
 from utils.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def small_sft(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sftdata")
-    with open("dataset/sft.jsonl", encoding="utf-8") as f:
-        lines = [next(f) for _ in range(48)]
-    (d / "sft.jsonl").write_text("".join(lines), encoding="utf-8")
-    return str(d / "sft.jsonl")
+    return first_lines("dataset/sft.jsonl", 48, tmp_path_factory.mktemp("sftdata"))
 
 
 def args_for(tmp, data, *extra):
@@ -90,13 +87,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path, small_sft):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(port), "train_sft.py", "--data_path", small_sft, "--hidden_size", "32",
+         "--master_port", str(free_port()), "train_sft.py", "--data_path", small_sft, "--hidden_size", "32",
          "--num_hidden_layers", "2", "--batch_size", "4", "--max_steps", "3", "--device", "cpu",
          "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ck"), "--log_interval", "1"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -110,18 +103,12 @@ def test_torchrun_two_processes_on_cpu(tmp_path, small_sft):
 
 def test_sigterm_saves_then_exits_and_resume_continues(tmp_path, small_sft):
     import signal
-    import time
     args = [sys.executable, "train_sft.py", "--data_path", small_sft, "--hidden_size", "32", "--num_hidden_layers",
             "2", "--batch_size", "4", "--epochs", "1000", "--device", "cpu", "--log_interval", "1",
             "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ck")]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "out" / "full_sft_32_metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    code, out, err = interrupt_after(args, metrics, 3, signal.SIGTERM)
+    assert code == 0, err[-2000:]
     assert "stopped by a signal" in out
     ckpt = torch.load(tmp_path / "ck" / "full_sft_32_resume.pth", weights_only=True)
     done = ckpt["step"]

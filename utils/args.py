@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from utils.runtime import default_device
+from utils.runtime import default_device, print0
 
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,6 +16,22 @@ PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def project_path(*parts: str) -> str:
     """A path inside the project, so that default data files are found from any directory."""
     return os.path.join(PROJECT_DIR, *parts)
+
+
+def find_data_file(path: str) -> str:
+    """``path`` as given when it exists; else, for a relative path, the same path read from the
+    project root, or from a ``trainer/`` folder in it: MiniMind's scripts ran from trainer/, so
+    commands written for it (``--data_path ../dataset/dpo.jsonl``) find the project's dataset/
+    when run from the project root. A path found nowhere is returned as given (the reader
+    then says it is missing)."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    for base in (PROJECT_DIR, os.path.join(PROJECT_DIR, "trainer")):
+        candidate = os.path.normpath(os.path.join(base, path))
+        if os.path.isfile(candidate):
+            print0(f"--data_path {path}: not found from {os.getcwd()}; using {candidate}")
+            return candidate
+    return path
 
 
 def add_model_args(group, from_weight: str, from_weight_help: str) -> None:

@@ -43,3 +43,21 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_ma
     """
     per_token = token_logprobs(logits, input_ids, temperature)      # (B, T-1)
     return masked_reduce(per_token, response_mask[:, 1:], reduce)
+
+
+def model_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            response_mask: torch.Tensor, reduce: str = "mean",
+                            temperature: float = 1.0) -> torch.Tensor:
+    """Forward ``model`` and return sequence_logprobs (B,) of the response tokens.
+
+    The language-model head runs only from the position before the earliest response token
+    of the batch (``logits_to_keep``): the prompt positions before it need no logits, and
+    with a vocabulary-sized head they are most of the memory of the forward.
+    """
+    T = input_ids.shape[1]
+    has_response = response_mask.any(-1)
+    starts = response_mask.int().argmax(-1)[has_response]                       # first response index per row
+    keep = T - int(starts.min()) + 1 if starts.numel() else T
+    keep = max(2, min(keep, T))
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits  # (B, keep, V)
+    return sequence_logprobs(logits, input_ids[:, T - keep:], response_mask[:, T - keep:], reduce, temperature)

@@ -1,20 +1,24 @@
 """What every training script does around its loss: set-up, data order, saving, resuming, stopping.
 
-A script's loop reads (train_sft.py is the plainest example):
+A supervised script (SFT, DPO, reward model) reads:
 
-    run = Run(args, "sft")                                  # DDP, device, model (+LoRA), tokenizer
+    run = Run(args, "dpo", reference="shared")              # DDP, device, model (+LoRA), reference
     order = DataOrder(len(data), args.batch_size, ...)      # seeded, resumable, rank-sliced
-    state = run.resume_or_start(optimizer, order)           # --from_resume 1
-    while state.step < stop_step:                           # micro-batches order.batch(state.micro)
-        with run.grad_sync(state.micro): loss.backward()    # forward through run.model (DDP)
-        ... clip_and_step(run, optimizer, args.grad_clip) at each accumulation boundary
-        ... run.save(state, optimizer) every --save_interval, at the end, and on SIGTERM/SIGINT
+    def micro_step(indices):                                # one micro-batch: forward through run.model
+        return loss, {"rewards/margins": ...}, n_tokens
+    train(run, order, micro_step, desc="dpo")               # the loop below
+
+``train`` does the rest: --from_resume 1, gradient accumulation (DDP syncs only on the last
+micro-batch), cosine learning rate, clipping, logging (metrics averaged over the log window
+and over ranks), saving every --save_interval, at the end and on SIGTERM/SIGINT.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -22,15 +26,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import LMConfig, apply_lora, init_model, save_lora, weight_name
 from model.export import export
-from model.lora import trainable_parameters
+from model.lora import adapters_disabled, trainable_parameters
+from utils.args import find_data_file
 from utils.checkpoint import (capture_rng, check_resume_args, load_resume, load_trainable_state, restore_rng,
                               resume_path, save_resume, trainable_state)
 from utils.errors import UserError
-from utils.runtime import DistInfo, grad_scaler, init_distributed, print0, seed_everything
+from utils.logging import RunLogger
+from utils.runtime import DistInfo, autocast_context, grad_scaler, init_distributed, print0, seed_everything
+from utils.schedule import cosine_lr
 
 
 def validate_common_args(args) -> None:
-    """Every problem with the shared flags, raised once as one line."""
+    """Every problem with the shared flags, raised once as one line. A --data_path written for
+    MiniMind's layout (``../dataset/x.jsonl``) is resolved to the project's file (see find_data_file)."""
+    args.data_path = find_data_file(args.data_path)
     problems = []
     for name in ("batch_size", "accumulation_steps", "epochs", "log_interval", "save_interval", "max_seq_len"):
         if getattr(args, name) < 1:
@@ -41,6 +50,8 @@ def validate_common_args(args) -> None:
         problems.append(f"--max_steps must be 0 (no limit) or positive (got {args.max_steps})")
     if args.use_lora and (args.lora_rank < 1 or args.lora_alpha <= 0):
         problems.append("--lora_rank must be at least 1 and --lora_alpha positive")
+    if args.grad_clip < 0:
+        problems.append(f"--grad_clip must be 0 (off) or positive (got {args.grad_clip})")
     if problems:
         raise UserError("; ".join(problems))
 
@@ -115,14 +126,20 @@ class StopSignal:
 class Run:
     """The model and everything around it for one training process."""
 
-    def __init__(self, args, algorithm: str):
+    def __init__(self, args, algorithm: str, reference: str | None = None):
+        """reference: None (no reference model), "shared" (the policy's weights with the LoRA
+        adapters off: one copy in memory) or "copy" (a separate frozen copy of the start weights)."""
         validate_common_args(args)
-        self.args, self.algorithm = args, algorithm
+        if reference == "shared" and not args.use_lora:
+            raise UserError("--ref_model shared needs LoRA adapters to switch off; with --use_lora 0 use --ref_model copy")
+        self.args, self.algorithm, self.reference = args, algorithm, reference
         self.dist, self.device = init_distributed(args.device)
         seed_everything(args.seed)
         self.lm_config = LMConfig.from_args(args)
         model, self.tokenizer = init_model(self.lm_config, args.from_weight, device=self.device,
                                            save_dir=args.save_dir, tokenizer_path=args.tokenizer_path)
+        # The reference is the start weights, frozen: a copy taken before any adapter goes in.
+        self.ref_model = copy.deepcopy(model).eval().requires_grad_(False) if reference == "copy" else None
         if args.use_lora:
             apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets)
         else:
@@ -168,6 +185,35 @@ class Run:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.base_model.parameters() if p.requires_grad]
 
+    def autocast(self):
+        return autocast_context(self.device, self.args.dtype)
+
+    @contextlib.contextmanager
+    def reference_model(self):
+        """The frozen reference, in eval mode, under no_grad: the separate copy, or the policy's
+        own module with every adapter off. It feeds no gradient, so it bypasses the DDP wrapper."""
+        if self.reference is None:
+            raise RuntimeError(f"{self.algorithm} was set up without a reference model")
+        if self.ref_model is not None:
+            with torch.no_grad():
+                yield self.ref_model
+            return
+        was_training = self.base_model.training
+        self.base_model.eval()
+        try:
+            with torch.no_grad(), adapters_disabled(self.base_model):
+                yield self.base_model
+        finally:
+            self.base_model.train(was_training)
+
+    def all_mean(self, values: list[float]) -> list[float]:
+        """The mean over ranks of each value (every rank must call it at the same point)."""
+        if not self.dist.enabled or not values:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return (t / self.dist.world_size).tolist()
+
     # -------------------------------------------------------------- resume
     def resume_args(self) -> dict:
         return {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, type(None)))}
@@ -202,6 +248,7 @@ class Run:
 
     def save(self, state: TrainState, optimizer, extra_meta: dict | None = None) -> None:
         """Weights to ``{save_dir}/{stem}/`` and the resume file, both atomically, rank 0 only."""
+        self.check_replicas_agree(state.step)
         rngs = [capture_rng()]
         if self.dist.enabled:
             gathered = [None] * self.dist.world_size
@@ -216,6 +263,21 @@ class Run:
             "step": state.step, "micro": state.micro, "world_size": self.dist.world_size,
             "wandb_id": state.wandb_id, "args": self.resume_args(), "extra": state.extra,
         })
+
+    def check_replicas_agree(self, step: int) -> None:
+        """Under DDP, stop if the ranks' trainable weights differ: every rank applies the same
+        all-reduced gradients, so they are identical unless a loss forward bypassed the wrapper."""
+        if not self.dist.enabled:
+            return
+        sums = torch.stack([p.detach().double().sum() for p in self.trainable_parameters()])
+        gathered = [torch.empty_like(sums) for _ in range(self.dist.world_size)]
+        torch.distributed.all_gather(gathered, sums)
+        if any(not torch.equal(g, gathered[0]) for g in gathered[1:]):
+            raise RuntimeError(f"the {self.dist.world_size} processes hold different weights at step {step}: "
+                               f"gradients were not synchronised")
+        if not getattr(self, "_replicas_reported", False):
+            print0(f"step {step}: weights identical on all {self.dist.world_size} processes")
+            self._replicas_reported = True
 
     def save_weights(self, extra_meta: dict | None = None) -> None:
         """LoRA-only adapter (PEFT format), or with --use_lora 0 a full Hugging Face model folder."""
@@ -244,3 +306,69 @@ def clip_and_step(run: Run, optimizer, grad_clip: float) -> float:
     run.scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
+
+
+def train(run: Run, order: DataOrder, micro_step, *, desc: str, optimizer=None, extra_meta: dict | None = None) -> str:
+    """The supervised training loop shared by SFT, DPO and the reward model. Returns the weights folder.
+
+    micro_step(indices) -> (loss, metrics, n_tokens): the loss of one micro-batch (the dataset
+    items at ``indices``), computed with a forward through ``run.model``; metrics are floats
+    (or 0-d tensors) averaged over the log window and over ranks before they are logged.
+    The learning-rate schedule spans every epoch; --max_steps only stops early, so a run
+    stopped there and resumed later follows the same curve as one that never stopped.
+    """
+    args = run.args
+    optimizer = optimizer or torch.optim.AdamW(run.trainable_parameters(), lr=args.learning_rate, weight_decay=0.0)
+    total_steps = order.total_steps
+    stop_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    state = run.resume_or_start(optimizer, order)
+    logger = RunLogger(enabled=run.is_main, total_steps=stop_step, start_step=state.step,
+                       log_interval=args.log_interval, metrics_path=run.metrics_path, use_wandb=args.use_wandb,
+                       wandb_project=args.wandb_project, run_name=run.stem, config=vars(args),
+                       wandb_id=state.wandb_id, desc=desc)
+    state.wandb_id = logger.wandb_id
+    stop = StopSignal()
+    sums, n_micro, tokens, t_last = {}, 0, 0, time.time()
+    stopped = False
+    try:
+        while state.step < stop_step:
+            # Stop only between optimizer steps, and on every rank at the same one.
+            if state.micro % args.accumulation_steps == 0 and run.any_rank(stop.received is not None):
+                stopped = True
+                break
+            with run.grad_sync(state.micro):
+                loss, metrics, n_tokens = micro_step(order.batch(state.micro))
+                run.scaler.scale(loss / args.accumulation_steps).backward()
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            n_micro, tokens = n_micro + 1, tokens + n_tokens
+            state.micro += 1
+            if state.micro % args.accumulation_steps:
+                continue
+            lr = cosine_lr(state.step, total_steps, args.learning_rate)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = clip_and_step(run, optimizer, args.grad_clip)
+            state.step += 1
+            if state.step % args.log_interval == 0 or state.step == stop_step:
+                # Averaged over the micro-batches since the last log line and over ranks.
+                names = list(sums)
+                values = run.all_mean([sums[k] / n_micro for k in names] + [float(tokens)])
+                now = time.time()
+                logger.step(state.step, {**dict(zip(names, values[:-1])), "lr": lr, "grad_norm": grad_norm,
+                                         "epoch": order.epoch_of(state.micro - 1),
+                                         "tokens_per_sec": values[-1] * run.dist.world_size / max(now - t_last, 1e-9)},
+                            force=True)
+                sums, n_micro, tokens, t_last = {}, 0, 0, now
+            else:
+                logger.step(state.step, {})
+            if state.step % args.save_interval == 0 and state.step < stop_step:
+                run.save(state, optimizer, extra_meta)
+        run.save(state, optimizer, extra_meta)
+        print0(f"{'stopped by a signal' if stopped else 'done'} at step {state.step}/{total_steps}; "
+               f"weights in {run.weights_dir}, resume file {run.resume_file}")
+    finally:
+        stop.restore()
+        logger.close()
+        run.close()
+    return run.weights_dir

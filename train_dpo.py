@@ -1,0 +1,147 @@
+"""Direct Preference Optimization with LoRA and a frozen reference.
+
+    python train_dpo.py                                    # the shipped demo, from the shipped SFT model
+    nohup python train_dpo.py --epochs 20 --hidden_size 2048 --device "cuda:6" --batch_size 16 \\
+        --learning_rate 1e-4 --accumulation_steps 8 --log_interval 10 --save_interval 100 \\
+        --data_path ../dataset/dpo.jsonl --num_hidden_layers 20 --use_wandb --from_resume 1 \\
+        --from_weight lora_identity > train_lora.log 2>&1 &
+    torchrun --nproc_per_node 8 train_dpo.py ...           # DDP, the same flags
+
+Loss (DESIGN section 6): h = (l_pol(y+) - l_pol(y-)) - (l_ref(y+) - l_ref(y-)),
+-log sigmoid(beta h), with ipo / hinge / robust variants and label smoothing (cDPO).
+Unlike the paper, l(y) is by default the mean log-prob per response token, as in the seed
+(``--logp_reduce sum`` gives the paper's sum). A per-token mean is about |y| times smaller than
+the sum, so beta must be about that much larger: the default beta is 5 with mean, 0.1 with sum.
+
+The policy is the start weights plus LoRA adapters; the reference is the same weights with the
+adapters off (``--ref_model copy`` keeps a separate frozen copy instead). Chosen and rejected go
+through one concatenated forward; only response tokens count. With ``--precompute_ref 1`` (the
+default when --epochs > 1) the reference log-probs are computed once before training.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from dataset.data import collate_pairs, encode_pairs, load_pairs
+from utils.args import add_common_args
+from utils.errors import UserError, run_cli
+from utils.logprobs import model_sequence_logprobs
+from utils.losses import DPO_LOSS_TYPES, dpo_loss
+from utils.runtime import print0
+from utils.train import DataOrder, Run, train, validate_common_args
+
+DEFAULT_BETA = {"mean": 5.0, "sum": 0.1}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="DPO on preference pairs, with LoRA and a frozen reference.")
+    add_common_args(parser, save_weight="dpo", data_path="dataset/dpo.jsonl", epochs=2, batch_size=16,
+                    learning_rate=3e-4, max_seq_len=1024, from_weight="full_sft", log_interval=10,
+                    save_interval=100, use_lora=1)
+    g = parser.add_argument_group("DPO")
+    g.add_argument("--beta", type=float, default=None,
+                   help="strength of the pull towards the reference (default: 5 with --logp_reduce mean, 0.1 with sum)")
+    g.add_argument("--logp_reduce", choices=["mean", "sum"], default="mean",
+                   help="sequence log-prob: mean per response token (the seed) or sum (the paper) (default: %(default)s)")
+    g.add_argument("--loss_type", choices=DPO_LOSS_TYPES, default="sigmoid",
+                   help="sigmoid (DPO), ipo, hinge (SLiC) or robust (rDPO) (default: %(default)s)")
+    g.add_argument("--label_smoothing", type=float, default=0.0,
+                   help="share of pairs assumed mislabelled, for sigmoid (cDPO) and robust; in [0, 0.5) (default: 0)")
+    g.add_argument("--ref_model", choices=["shared", "copy"], default=None,
+                   help="shared: the policy with adapters off (one copy of the weights); copy: a separate frozen copy "
+                        "(default: shared with LoRA, copy with --use_lora 0)")
+    g.add_argument("--precompute_ref", type=int, choices=[0, 1], default=None,
+                   help="1: reference log-probs computed once before training (default: 1 when --epochs > 1)")
+    args = parser.parse_args(argv)
+    if args.beta is None:
+        args.beta = DEFAULT_BETA[args.logp_reduce]
+    if args.ref_model is None:
+        args.ref_model = "shared" if args.use_lora else "copy"
+    if args.precompute_ref is None:
+        args.precompute_ref = int(args.epochs > 1)
+    return args
+
+
+def validate_dpo_args(args) -> None:
+    problems = []
+    if args.beta <= 0:
+        problems.append(f"--beta must be positive (got {args.beta})")
+    if not 0 <= args.label_smoothing < 0.5:
+        problems.append(f"--label_smoothing must be in [0, 0.5) (got {args.label_smoothing})")
+    if args.label_smoothing and args.loss_type not in ("sigmoid", "robust"):
+        problems.append(f"--label_smoothing applies to --loss_type sigmoid or robust, not {args.loss_type}")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def pair_logprobs(model, batch: dict, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) sequence log-probs, each (B,), from one forward over the 2B rows."""
+    logps = model_sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], reduce)
+    n = logps.shape[0] // 2
+    return logps[:n], logps[n:]
+
+
+@torch.no_grad()
+def precompute_reference(run: Run, items: list, batch_size: int, reduce: str) -> torch.Tensor:
+    """(N, 2) reference log-probs (chosen, rejected) of every pair, on CPU.
+
+    Each rank scores its share of the pairs (sorted by length, so batches carry little padding)
+    and the shares are gathered, so every rank ends with the whole table.
+    """
+    rank, world = run.dist.rank, run.dist.world_size
+    mine = sorted(range(rank, len(items), world), key=lambda i: len(items[i][0]) + max(len(items[i][1]), len(items[i][2])))
+    table = torch.zeros(len(items), 2, dtype=torch.float64)
+    pad = run.tokenizer.pad_token_id
+    with run.reference_model() as ref:
+        for start in range(0, len(mine), batch_size):
+            idx = mine[start:start + batch_size]
+            batch = {k: v.to(run.device) for k, v in collate_pairs([items[i] for i in idx], pad).items()}
+            with run.autocast():
+                chosen, rejected = pair_logprobs(ref, batch, reduce)
+            table[idx] = torch.stack([chosen, rejected], -1).double().cpu()
+    if run.dist.enabled:  # rows a rank did not score are 0 there, so a sum puts the table together
+        table = table.to(run.device)
+        torch.distributed.all_reduce(table)
+        table = table.cpu()
+    return table.float()
+
+
+def main(args):
+    validate_common_args(args)                # bad flags and bad data stop the run before any model is built
+    validate_dpo_args(args)
+    pairs = load_pairs(args.data_path)
+    run = Run(args, "dpo", reference=args.ref_model)
+    items, skipped = encode_pairs(pairs, run.tokenizer, args.max_seq_len)
+    if skipped:
+        print0(f"skipped {skipped} of {len(pairs)} pair(s): a response does not fit --max_seq_len {args.max_seq_len}")
+    if not items:
+        raise UserError(f"no pair in {args.data_path} fits --max_seq_len {args.max_seq_len}; raise it")
+    order = DataOrder(len(items), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,
+                      what="pairs")
+    ref_table = None
+    if args.precompute_ref:
+        ref_table = precompute_reference(run, items, 2 * args.batch_size, args.logp_reduce)
+        print0(f"reference log-probs of {len(items)} pairs computed once")
+    pad = run.tokenizer.pad_token_id
+
+    def micro_step(indices):
+        batch = {k: v.to(run.device) for k, v in collate_pairs([items[i] for i in indices], pad).items()}
+        with run.autocast():
+            if ref_table is not None:
+                ref_chosen, ref_rejected = ref_table[indices].to(run.device).unbind(-1)
+            else:
+                with run.reference_model() as ref:
+                    ref_chosen, ref_rejected = pair_logprobs(ref, batch, args.logp_reduce)
+            chosen, rejected = pair_logprobs(run.model, batch, args.logp_reduce)
+        loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type,
+                                 args.label_smoothing)
+        return loss, metrics, int(batch["attention_mask"].sum())
+
+    return train(run, order, micro_step, desc="dpo",
+                 extra_meta={"beta": args.beta, "loss_type": args.loss_type, "logp_reduce": args.logp_reduce})
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

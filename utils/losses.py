@@ -1,0 +1,64 @@
+"""Loss functions: tensors in, ``(loss, metrics)`` out.
+
+Shapes: B batch (pairs). Log-probs are sequence-level, l(y) or l(y)/|y| (see utils/logprobs.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
+             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """Direct Preference Optimization loss, mean over the batch.
+
+    policy_*_logps, ref_*_logps: (B,) log-probs of the chosen (y+) and rejected (y-) responses
+    under the policy and the frozen reference.
+
+        h = (l_pol(y+) - l_pol(y-)) - (l_ref(y+) - l_ref(y-))
+        sigmoid  -(1-e) log s(beta h) - e log s(-beta h)      (e = label_smoothing: cDPO; e=0: the seed's DPO)
+        robust   [-(1-e) log s(beta h) + e log s(-beta h)] / (1-2e)
+        ipo      (h - 1/(2 beta))^2
+        hinge    relu(1 - beta h)
+
+    Returns (loss, metrics) with metrics (all detached, batch means):
+    rewards/chosen = beta (l_pol(y+) - l_ref(y+)), rewards/rejected likewise, rewards/margins
+    their difference, rewards/accuracies the share of pairs with margin > 0, and
+    logps/chosen, logps/rejected the policy's log-probs.
+    """
+    shapes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
+    if len(shapes) != 1 or policy_chosen_logps.dim() != 1:
+        raise ValueError(f"dpo_loss expects four (B,) tensors of one shape, got {sorted(map(tuple, shapes))}")
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    ref_chosen_logps = ref_chosen_logps.detach().to(policy_chosen_logps.dtype)
+    ref_rejected_logps = ref_rejected_logps.detach().to(policy_chosen_logps.dtype)
+    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (B,)
+    e = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - e) * F.logsigmoid(beta * h) - e * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - e) * F.logsigmoid(beta * h) + e * F.logsigmoid(-beta * h)) / (1 - 2 * e)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {loss_type!r}")
+    with torch.no_grad():
+        chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+        rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": policy_chosen_logps.detach().mean(),
+            "logps/rejected": policy_rejected_logps.detach().mean(),
+        }
+    return losses.mean(), metrics
