@@ -84,7 +84,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
     g.add_argument("--device", default=default_device(), help="cpu or cuda:N (default: %(default)s)")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="autocast precision on CUDA; CPU always runs fp32 (default: %(default)s)")
-    g.add_argument("--num_workers", type=int, default=0, help="data-loader worker processes (default: %(default)s)")
+    g.add_argument("--num_workers", type=int, default=0, help="accepted for MiniMind's command lines; it changes nothing here: the data is tokenized "
+                        "once before training and batches are cut from memory (default: %(default)s)")
     g.add_argument("--use_compile", type=int, choices=[0, 1], default=0, help="torch.compile the model (default: 0)")
 
     g = parser.add_argument_group("saving, resuming and logging")
