@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import os
 import signal
 import time
@@ -289,8 +290,15 @@ class Run:
             return
         export(self.base_model, self.tokenizer, self.weights_dir, meta={"base": self.args.from_weight, **meta})
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Leave the process group. The DDP wrapper goes first: freeing it after its process
+        group is destroyed can hang the process at exit. After an error (clean=False) there is
+        no barrier, since the other ranks may never reach it; torchrun stops them."""
         if self.dist.enabled and torch.distributed.is_initialized():
+            self.model = self.base_model
+            gc.collect()
+            if clean:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
@@ -329,7 +337,7 @@ def train(run: Run, order: DataOrder, micro_step, *, desc: str, optimizer=None, 
     state.wandb_id = logger.wandb_id
     stop = StopSignal()
     sums, n_micro, tokens, t_last = {}, 0, 0, time.time()
-    stopped = False
+    stopped = finished = False
     try:
         while state.step < stop_step:
             # Stop only between optimizer steps, and on every rank at the same one.
@@ -367,8 +375,9 @@ def train(run: Run, order: DataOrder, micro_step, *, desc: str, optimizer=None, 
         run.save(state, optimizer, extra_meta)
         print0(f"{'stopped by a signal' if stopped else 'done'} at step {state.step}/{total_steps}; "
                f"weights in {run.weights_dir}, resume file {run.resume_file}")
+        finished = True
     finally:
         stop.restore()
         logger.close()
-        run.close()
+        run.close(clean=finished)
     return run.weights_dir
