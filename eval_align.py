@@ -23,6 +23,7 @@ from dataset.answers import is_correct
 from dataset.data import collate_pairs, encode_pairs, encode_prompt, load_pairs, load_prompts, pad_batch
 from model import LMConfig, init_model
 from model.loading import add_lora_weight
+from model.value_head import RewardModel
 from utils.args import add_model_args, project_path
 from utils.errors import UserError, run_cli
 from utils.logprobs import model_sequence_logprobs
@@ -42,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_len", type=int, default=256, help="longest prompt + response when scoring pairs (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=64, help="sequences per forward (default: %(default)s)")
     p.add_argument("--device", default=default_device(), help="cpu or cuda:N (default: %(default)s)")
+    p.add_argument("--reward_model", default=None,
+                   help="also report rm_pair_acc: held-out pairs this reward model (a train_reward.py folder or a "
+                        "sequence-classification model folder) ranks correctly")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     return p.parse_args(argv)
 
@@ -60,6 +64,17 @@ def pair_accuracy(model, tokenizer, pairs: list[dict], max_seq_len: int, batch_s
         n = len(chunk)
         wins += int((logps[:n] > logps[n:]).sum())
     return wins / len(items), len(items)
+
+
+@torch.no_grad()
+def rm_pair_accuracy(reward_model, pairs: list[dict], max_seq_len: int) -> tuple[float, int]:
+    """(share of pairs whose chosen response the reward model scores higher, pairs scored)."""
+    items, _ = encode_pairs(pairs, reward_model.tokenizer, max_seq_len)
+    if not items:
+        raise UserError("no preference pair fits --max_seq_len; raise it")
+    chosen = reward_model.score_batched([p + c for p, c, _ in items])
+    rejected = reward_model.score_batched([p + r for p, _, r in items])
+    return float((chosen > rejected).float().mean()), len(items)
 
 
 @torch.no_grad()
@@ -110,6 +125,10 @@ def main(args):
     model.eval()
     result = evaluate(model, tokenizer, args)
     result["model"] = args.from_weight + (f" + {args.lora_weight}" if args.lora_weight else "")
+    if args.reward_model:
+        rm = RewardModel.load(args.reward_model, device=args.device, save_dir=args.save_dir, batch_size=args.batch_size)
+        result["rm_pair_acc"], _ = rm_pair_accuracy(rm, load_pairs(args.pairs), args.max_seq_len)
+        result["rm_pair_acc"] = round(result["rm_pair_acc"], 4)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "examples"}, ensure_ascii=False))
     else:
@@ -117,6 +136,8 @@ def main(args):
         print(f"pair_acc    {result['pair_acc']:.3f}   ({result['n_pairs']} held-out pairs)")
         print(f"answer_acc  {result['answer_acc']:.3f}   ({result['n_prompts']} held-out prompts)")
         print(f"mean_len    {result['mean_len']:.1f} tokens")
+        if "rm_pair_acc" in result:
+            print(f"rm_pair_acc {result['rm_pair_acc']:.3f}   (reward model {args.reward_model})")
         print("by task     " + "  ".join(f"{k} {v:.2f}" for k, v in result["answer_acc_by_task"].items()))
         for ex in result["examples"]:
             print(f"  Q: {ex['prompt']}\n  A: {ex['response']}   (expected {ex['answer']})")

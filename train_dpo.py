@@ -24,7 +24,7 @@ import argparse
 
 import torch
 
-from dataset.data import collate_pairs, encode_pairs, load_pairs
+from dataset.data import collate_pairs, load_pairs, tokenize_pairs
 from utils.args import add_common_args
 from utils.errors import UserError, run_cli
 from utils.logprobs import model_sequence_logprobs
@@ -113,11 +113,7 @@ def main(args):
     validate_dpo_args(args)
     pairs = load_pairs(args.data_path)
     run = Run(args, "dpo", reference=args.ref_model)
-    items, skipped = encode_pairs(pairs, run.tokenizer, args.max_seq_len)
-    if skipped:
-        print0(f"skipped {skipped} of {len(pairs)} pair(s): a response does not fit --max_seq_len {args.max_seq_len}")
-    if not items:
-        raise UserError(f"no pair in {args.data_path} fits --max_seq_len {args.max_seq_len}; raise it")
+    items, _ = tokenize_pairs(pairs, run.tokenizer, args.max_seq_len, args.data_path)
     order = DataOrder(len(items), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,
                       what="pairs")
     ref_table = None

@@ -4,7 +4,7 @@ Formats (JSON lines):
   conversations  MiniMind SFT / prompt format: {"conversations": [{"role", "content"}, ...]}
   pairs          MiniMind DPO format {"chosen": [messages], "rejected": [messages]} (the same
                  prompt turns, then one assistant turn each), or {"prompt", "chosen", "rejected"}
-                 with strings or messages
+                 with strings or messages; an optional number "margin" (for reward models)
   prompts        {"conversations": [...]} (a trailing assistant turn is dropped) or {"prompt": ...};
                  every other field (e.g. "answer") is kept for reward functions and evaluation
 
@@ -20,6 +20,7 @@ import os
 import torch
 
 from utils.errors import UserError
+from utils.runtime import print0
 
 ROLES = ("system", "user", "assistant")
 
@@ -138,9 +139,14 @@ def load_pairs(path: str) -> list[dict]:
             if chosen[:-1] != rejected[:-1]:
                 raise UserError(f"{where}: \"chosen\" and \"rejected\" must share the same turns before the last")
             prompt = chosen[:-1]
-        out.append({"prompt": prompt,
-                    "chosen": _response_text(row["chosen"], where, "chosen"),
-                    "rejected": _response_text(row["rejected"], where, "rejected")})
+        pair = {"prompt": prompt,
+                "chosen": _response_text(row["chosen"], where, "chosen"),
+                "rejected": _response_text(row["rejected"], where, "rejected")}
+        if "margin" in row:  # how much better chosen is, for a reward model's margin loss
+            if isinstance(row["margin"], bool) or not isinstance(row["margin"], (int, float)):
+                raise UserError(f"{where}: \"margin\" must be a number")
+            pair["margin"] = float(row["margin"])
+        out.append(pair)
     return out
 
 
@@ -242,20 +248,39 @@ def collate_sft(batch, pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
+def encode_pair(pair: dict, tokenizer, max_len: int):
+    """(prompt_ids, chosen_ids, rejected_ids) of one pair, the prompt cut from the left so that
+    both responses fit; None when they cannot."""
+    prompt = encode_prompt(tokenizer, pair["prompt"])
+    chosen, rejected = encode_response(tokenizer, pair["chosen"]), encode_response(tokenizer, pair["rejected"])
+    fc, fr = fit(prompt, chosen, max_len), fit(prompt, rejected, max_len)
+    if fc is None or fr is None:
+        return None
+    keep = min(len(fc[0]), len(fr[0]))  # the same prompt for both
+    return prompt[-keep:], chosen, rejected
+
+
 def encode_pairs(pairs: list[dict], tokenizer, max_len: int):
-    """(items, skipped): each item (prompt_ids, chosen_ids, rejected_ids), prompts cut from the
-    left so that both responses fit; pairs where they cannot are skipped and counted."""
-    items, skipped = [], 0
+    """(items, skipped): ``encode_pair`` of every pair; pairs that cannot fit are skipped and counted."""
+    items = [encode_pair(p, tokenizer, max_len) for p in pairs]
+    kept = [it for it in items if it is not None]
+    return kept, len(items) - len(kept)
+
+
+def tokenize_pairs(pairs: list[dict], tokenizer, max_len: int, path: str):
+    """(items, kept): ``encode_pair`` of every pair that fits and the pairs kept, for training.
+    Says how many were skipped; a UserError when none fits."""
+    items, kept = [], []
     for p in pairs:
-        prompt = encode_prompt(tokenizer, p["prompt"])
-        chosen, rejected = encode_response(tokenizer, p["chosen"]), encode_response(tokenizer, p["rejected"])
-        fc, fr = fit(prompt, chosen, max_len), fit(prompt, rejected, max_len)
-        if fc is None or fr is None:
-            skipped += 1
-            continue
-        keep = min(len(fc[0]), len(fr[0]))  # the same prompt for both
-        items.append((prompt[-keep:], chosen, rejected))
-    return items, skipped
+        item = encode_pair(p, tokenizer, max_len)
+        if item is not None:
+            items.append(item)
+            kept.append(p)
+    if len(items) < len(pairs):
+        print0(f"skipped {len(pairs) - len(items)} of {len(pairs)} pair(s): a response does not fit --max_seq_len {max_len}")
+    if not items:
+        raise UserError(f"no pair in {path} fits --max_seq_len {max_len}; raise it")
+    return items, kept
 
 
 def collate_pairs(items, pad_id: int) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from model import LMConfig, init_model
 from model.loading import add_lora_weight
 from utils.args import add_model_args
 from utils.errors import UserError, run_cli
-from utils.files import atomic_dir
+from utils.files import atomic_dir, write_tensor_files
 
 
 def parse_args(argv=None):
@@ -32,11 +32,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def export(model, tokenizer, out: str, meta: dict | None = None) -> None:
-    """Write model and tokenizer (and ``meta`` as minialign.json) to ``out`` atomically."""
+def export(model, tokenizer, out: str, meta: dict | None = None, extra_tensors: dict | None = None) -> None:
+    """Write model and tokenizer (and ``meta`` as minialign.json, and each ``{file: tensors}``
+    of extra_tensors as a safetensors file) to ``out`` atomically."""
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_tensor_files(tmp, extra_tensors)
         if meta is not None:
             with open(os.path.join(tmp, "minialign.json"), "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=2, ensure_ascii=False)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from model.strict import key_mismatch
 from utils.errors import UserError
-from utils.files import atomic_dir
+from utils.files import atomic_dir, write_tensor_files
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -67,7 +67,7 @@ def lora_state_dict(model, adapter_name: str = "default") -> dict[str, torch.Ten
 
 
 def save_lora(model, out_dir: str, base: str | None = None, lm_config=None,
-              adapter_name: str = "default", extra: dict | None = None) -> None:
+              adapter_name: str = "default", extra: dict | None = None, extra_tensors: dict | None = None) -> None:
     """Write the adapter in PEFT format to ``out_dir`` (atomically: a temp folder, then rename).
 
     base: how the base model was given (``--from_weight``), recorded so the adapter can be
@@ -84,6 +84,7 @@ def save_lora(model, out_dir: str, base: str | None = None, lm_config=None,
     with atomic_dir(out_dir) as tmp:
         save_file(lora_state_dict(model, adapter_name), os.path.join(tmp, ADAPTER_WEIGHTS))
         config.save_pretrained(tmp)
+        write_tensor_files(tmp, extra_tensors)  # e.g. a reward model's value_head.safetensors
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, ensure_ascii=False)
 

@@ -40,6 +40,13 @@ def first_lines(src: str, n: int, dest_dir) -> str:
     return dest
 
 
+def run_args(parse_args, tmp, data, from_weight, *extra):
+    """A script's args for a tiny CPU run writing under ``tmp`` (out/ and ck/)."""
+    return parse_args(["--data_path", data, "--save_dir", str(tmp / "out"), "--checkpoint_dir", str(tmp / "ck"),
+                       "--from_weight", from_weight, "--batch_size", "4", "--device", "cpu", "--log_interval", "1",
+                       *extra])
+
+
 def free_port() -> int:
     """A free TCP port on localhost, for a torchrun rendezvous."""
     import socket

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from dataset.data import collate_pairs, encode_pairs, load_pairs
 from model import LMConfig, apply_lora, init_model, save_lora
 from train_dpo import main, pair_logprobs, parse_args, precompute_reference
-from conftest import first_lines, free_port, interrupt_after
+from conftest import first_lines, free_port, interrupt_after, run_args
 from utils.errors import UserError
 from utils.train import Run
 
@@ -44,9 +44,7 @@ def save_dir(tiny_dir, tmp_path_factory):
 
 
 def args_for(tmp, data, save_dir, *extra):
-    return parse_args(["--data_path", data, "--save_dir", str(tmp / "out"), "--checkpoint_dir", str(tmp / "ck"),
-                       "--from_weight", os.path.join(save_dir, "full_sft_32"), "--batch_size", "4",
-                       "--device", "cpu", "--log_interval", "1", *extra])
+    return run_args(parse_args, tmp, data, os.path.join(save_dir, "full_sft_32"), *extra)
 
 
 def adapter(folder):

@@ -99,3 +99,50 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
     g.add_argument("--log_interval", type=int, default=log_interval, help="log every N optimizer steps (default: %(default)s)")
     g.add_argument("--use_wandb", action="store_true", help="log to wandb (offline if not logged in)")
     g.add_argument("--wandb_project", default="MiniAlign", help="wandb project (default: %(default)s)")
+
+
+def add_rollout_args(parser: argparse.ArgumentParser, *, num_generations: int = 8, max_gen_len: int = 64,
+                     temperature: float = 1.0) -> None:
+    """Sampling flags of the RL scripts (see utils/rollout.py)."""
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--num_generations", type=int, default=num_generations,
+                   help="responses sampled per prompt, G (default: %(default)s)")
+    g.add_argument("--max_gen_len", type=int, default=max_gen_len, help="longest response in tokens (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help="sampling temperature, also applied to the training log-probs (default: %(default)s)")
+    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; 1: off (default: %(default)s)")
+    g.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens; 0: off (default: %(default)s)")
+
+
+def add_reward_args(parser: argparse.ArgumentParser, *, reward_funcs: str = "accuracy") -> None:
+    """Reward flags of the RL scripts (see utils/rewards.py)."""
+    g = parser.add_argument_group("rewards")
+    g.add_argument("--reward_model", default=None,
+                   help="a train_reward.py folder or a transformers sequence-classification model folder")
+    g.add_argument("--reward_funcs", default=reward_funcs,
+                   help="comma-separated: accuracy, format, length, repetition, or module:function "
+                        "(default: %(default)s; '' for none)")
+    g.add_argument("--reward_weights", default=None,
+                   help="comma-separated weights, one per --reward_funcs entry (default: all 1)")
+    g.add_argument("--reward_model_weight", type=float, default=1.0,
+                   help="weight of the --reward_model score in the sum (default: %(default)s)")
+    g.add_argument("--reward_clip", type=float, default=0.0,
+                   help="clip the weighted reward to [-c, c]; 0: off (default: %(default)s)")
+
+
+def rollout_arg_problems(args) -> list[str]:
+    """What is wrong with the sampling flags, as messages (empty when nothing is)."""
+    problems = []
+    if args.num_generations < 1:
+        problems.append(f"--num_generations must be at least 1 (got {args.num_generations})")
+    if args.max_gen_len < 1:
+        problems.append(f"--max_gen_len must be at least 1 (got {args.max_gen_len})")
+    if not args.temperature > 0:
+        problems.append(f"--temperature must be positive (got {args.temperature})")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top_p must be in (0, 1] (got {args.top_p})")
+    if args.top_k < 0:
+        problems.append(f"--top_k must be 0 (off) or positive (got {args.top_k})")
+    if args.reward_clip < 0:
+        problems.append(f"--reward_clip must be 0 (off) or positive (got {args.reward_clip})")
+    return problems

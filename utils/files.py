@@ -35,3 +35,10 @@ def atomic_dir(path: str):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_tensor_files(folder: str, files: dict | None) -> None:
+    """Each ``{file name: {key: tensor}}`` as a safetensors file in ``folder``."""
+    from safetensors.torch import save_file
+    for name, tensors in (files or {}).items():
+        save_file(tensors, os.path.join(folder, name))

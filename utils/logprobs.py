@@ -45,19 +45,37 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_ma
     return masked_reduce(per_token, response_mask[:, 1:], reduce)
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counted over real tokens only, as transformers' generate counts them,
+    so a left-padded prompt is scored at the positions it was sampled at."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                         first_needed: int = 1) -> torch.Tensor:
+    """Forward ``model`` and return token_logprobs (B, T-1): entry t is log pi(input_ids[:, t+1]).
+
+    The language-model head runs only from position ``first_needed - 1`` on
+    (``logits_to_keep``); entries for tokens before ``first_needed`` are 0. The prompt
+    positions before the first response token need no logits, and with a vocabulary-sized
+    head they are most of the memory of the forward.
+    """
+    T = input_ids.shape[1]
+    first_needed = max(1, min(first_needed, T - 1))
+    keep = T - first_needed + 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), logits_to_keep=keep).logits  # (B, keep, V)
+    part = token_logprobs(logits, input_ids[:, T - keep:], temperature)                               # (B, keep-1)
+    return torch.nn.functional.pad(part, (T - keep, 0))
+
+
 def model_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             response_mask: torch.Tensor, reduce: str = "mean",
                             temperature: float = 1.0) -> torch.Tensor:
-    """Forward ``model`` and return sequence_logprobs (B,) of the response tokens.
-
-    The language-model head runs only from the position before the earliest response token
-    of the batch (``logits_to_keep``): the prompt positions before it need no logits, and
-    with a vocabulary-sized head they are most of the memory of the forward.
-    """
-    T = input_ids.shape[1]
+    """Forward ``model`` and return sequence_logprobs (B,) of the response tokens (the head
+    runs only from the earliest response token of the batch on)."""
     has_response = response_mask.any(-1)
     starts = response_mask.int().argmax(-1)[has_response]                       # first response index per row
-    keep = T - int(starts.min()) + 1 if starts.numel() else T
-    keep = max(2, min(keep, T))
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits  # (B, keep, V)
-    return sequence_logprobs(logits, input_ids[:, T - keep:], response_mask[:, T - keep:], reduce, temperature)
+    first = int(starts.min()) if starts.numel() else 1
+    per_token = model_token_logprobs(model, input_ids, attention_mask, temperature, first_needed=first)
+    return masked_reduce(per_token, response_mask[:, 1:], reduce)

@@ -62,3 +62,35 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
             "logps/rejected": policy_rejected_logps.detach().mean(),
         }
     return losses.mean(), metrics
+
+
+def reward_model_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                      margin: torch.Tensor | None = None, center_coef: float = 0.0):
+    """Bradley-Terry loss of a reward model, mean over the batch.
+
+    chosen_rewards, rejected_rewards: (B,) scalar rewards r(x, y+), r(x, y-); margin: (B,)
+    optional required gap (Llama 2's margin loss).
+
+        loss = -log s(r+ - r- - margin) + center_coef * (r+ + r-)^2
+
+    The second term (center_coef > 0) keeps the rewards centred on 0. Returns (loss, metrics)
+    with accuracy (share of pairs with r+ > r-), rewards/chosen, rewards/rejected,
+    rewards/margins (batch means, detached).
+    """
+    if chosen_rewards.shape != rejected_rewards.shape or chosen_rewards.dim() != 1:
+        raise ValueError(f"reward_model_loss expects two (B,) tensors, got {tuple(chosen_rewards.shape)} "
+                         f"and {tuple(rejected_rewards.shape)}")
+    gap = chosen_rewards - rejected_rewards
+    if margin is not None:
+        gap = gap - margin.to(gap.dtype)
+    loss = -F.logsigmoid(gap).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    with torch.no_grad():
+        metrics = {
+            "accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        }
+    return loss, metrics

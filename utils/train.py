@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import LMConfig, apply_lora, init_model, save_lora, weight_name
 from model.export import export
 from model.lora import adapters_disabled, trainable_parameters
+from model.value_head import HEAD_FILE, ValueHeadModel
 from utils.args import find_data_file
 from utils.checkpoint import (capture_rng, check_resume_args, load_resume, load_trainable_state, restore_rng,
                               resume_path, save_resume, trainable_state)
@@ -127,9 +128,11 @@ class StopSignal:
 class Run:
     """The model and everything around it for one training process."""
 
-    def __init__(self, args, algorithm: str, reference: str | None = None):
+    def __init__(self, args, algorithm: str, reference: str | None = None, value_head: bool = False):
         """reference: None (no reference model), "shared" (the policy's weights with the LoRA
-        adapters off: one copy in memory) or "copy" (a separate frozen copy of the start weights)."""
+        adapters off: one copy in memory) or "copy" (a separate frozen copy of the start weights).
+        value_head: the model is the LM's body plus a scalar head (a reward model), see
+        model/value_head.py; the head trains and is saved with the weights."""
         validate_common_args(args)
         if reference == "shared" and not args.use_lora:
             raise UserError("--ref_model shared needs LoRA adapters to switch off; with --use_lora 0 use --ref_model copy")
@@ -145,6 +148,14 @@ class Run:
             apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets)
         else:
             model.requires_grad_(True)
+        self.value_head = value_head
+        if value_head:
+            model = ValueHeadModel(model, seed=args.seed)
+            # The LM head feeds no loss here; an untied one would leave DDP waiting for its gradient.
+            embedding = model.lm.get_input_embeddings().weight
+            for p in model.lm.lm_head.parameters():
+                if p is not embedding:
+                    p.requires_grad_(False)
         model.train()
         self.base_model = model
         # Every forward that feeds a loss goes through self.model, so DDP syncs the gradients.
@@ -284,11 +295,15 @@ class Run:
         """LoRA-only adapter (PEFT format), or with --use_lora 0 a full Hugging Face model folder."""
         os.makedirs(self.args.save_dir, exist_ok=True)
         meta = {"algorithm": self.algorithm, **(extra_meta or {})}
+        lm, extra_tensors = self.base_model, None
+        if self.value_head:
+            lm, extra_tensors = self.base_model.lm, {HEAD_FILE: self.base_model.head_state()}
         if self.args.use_lora:
-            save_lora(self.base_model, self.weights_dir, base=self.args.from_weight, lm_config=self.lm_config,
-                      extra=meta)
+            save_lora(lm, self.weights_dir, base=self.args.from_weight, lm_config=self.lm_config,
+                      extra=meta, extra_tensors=extra_tensors)
             return
-        export(self.base_model, self.tokenizer, self.weights_dir, meta={"base": self.args.from_weight, **meta})
+        export(lm, self.tokenizer, self.weights_dir, meta={"base": self.args.from_weight, **meta},
+               extra_tensors=extra_tensors)
 
     def close(self, clean: bool = True) -> None:
         """Leave the process group. The DDP wrapper goes first: freeing it after its process

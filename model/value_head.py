@@ -1,0 +1,134 @@
+"""A scalar head on a causal LM's backbone: reward models (train_reward.py) and critics.
+
+``ValueHeadModel(lm)`` returns one value per position, (B, T); a reward model reads it at the
+last real token of each sequence. Saved next to the backbone's weights (LoRA adapter or full
+model folder) as ``value_head.safetensors`` (``weight`` (1, H), ``bias`` (1,)).
+
+``RewardModel.load(path)`` scores (prompt, response) pairs with either such a folder or any
+transformers sequence-classification model folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dataset.data import encode_prompt, encode_response, pad_batch
+from model.config import LMConfig
+from model.strict import key_mismatch
+from utils.errors import UserError
+
+HEAD_FILE = "value_head.safetensors"
+
+
+class ValueHeadModel(torch.nn.Module):
+    """lm's transformer body, then Linear(hidden, 1): values (B, T) in fp32."""
+
+    def __init__(self, lm, seed: int = 0):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.hidden_size
+        self.head = torch.nn.Linear(hidden, 1)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(1, hidden, generator=g) / (hidden + 1) ** 0.5)
+            self.head.bias.zero_()
+        self.head.to(next(lm.parameters()).device)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        if position_ids is None and attention_mask is not None:  # left padding scores as sampled
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state       # (B, T, H)
+        return self.head(hidden).squeeze(-1).float()                              # (B, T)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.head.state_dict().items()}
+
+    def save_head(self, folder: str) -> None:
+        save_file(self.head_state(), os.path.join(folder, HEAD_FILE))
+
+    def load_head(self, folder: str) -> None:
+        path = os.path.join(folder, HEAD_FILE)
+        try:
+            state = load_file(path)
+        except Exception as e:
+            raise UserError(f"cannot read {path}: {e.__class__.__name__}: {e}; re-save the reward model")
+        problem = key_mismatch(state, self.head.state_dict())
+        if not problem and state["weight"].shape != self.head.weight.shape:
+            problem = f"head of width {state['weight'].shape[-1]}, the model's is {self.head.weight.shape[-1]}"
+        if problem:
+            raise UserError(f"{path} does not fit this model ({problem})")
+        self.head.load_state_dict({k: v.to(self.head.weight.device) for k, v in state.items()})
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last real token of each row, whatever the padding side."""
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.flip(-1).long().argmax(-1)
+
+
+def is_value_head_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, HEAD_FILE))
+
+
+class RewardModel:
+    """Scores chat-rendered (prompt, response) pairs with a reward model; frozen, no grad."""
+
+    def __init__(self, model, tokenizer, kind: str, device, batch_size: int = 32, max_len: int = 1024):
+        self.model, self.tokenizer, self.kind = model.eval().requires_grad_(False), tokenizer, kind
+        self.device, self.batch_size, self.max_len = device, batch_size, max_len
+
+    @classmethod
+    def load(cls, path: str, device="cpu", save_dir: str = "out", **kw) -> "RewardModel":
+        """A folder written by train_reward.py (adapter or full model, plus value_head.safetensors),
+        or a transformers sequence-classification model folder."""
+        from model.loading import init_model  # here: model.loading imports this package's config
+        if not os.path.isdir(path):
+            raise UserError(f"--reward_model {path}: no such folder; give a folder written by train_reward.py "
+                            f"or a transformers sequence-classification model")
+        if is_value_head_dir(path):
+            lm, tokenizer = init_model(LMConfig(), path, device=device, save_dir=save_dir)
+            model = ValueHeadModel(lm)
+            model.load_head(path)
+            return cls(model, tokenizer, "value_head", torch.device(device), **kw)
+        config_path = os.path.join(path, "config.json")
+        archs = json.load(open(config_path, encoding="utf-8")).get("architectures", []) if os.path.isfile(config_path) else []
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise UserError(f"--reward_model {path}: neither a train_reward.py folder ({HEAD_FILE} missing) nor a "
+                            f"sequence-classification model (config.json architectures: {archs or 'none'})")
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:
+            raise UserError(f"--reward_model {path}: cannot load it ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})")
+        if model.config.num_labels != 1:
+            raise UserError(f"--reward_model {path}: has {model.config.num_labels} labels; a reward model has one")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return cls(model.to(device), tokenizer, "sequence_classification", torch.device(device), **kw)
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
+        """(N,) rewards of the responses to the prompts (chat messages)."""
+        seqs = [(encode_prompt(self.tokenizer, m) + encode_response(self.tokenizer, t))[-self.max_len:]
+                for m, t in zip(prompts, responses)]
+        return self.score_batched(seqs)
+
+    @torch.no_grad()
+    def score_batched(self, seqs: list[list[int]]) -> torch.Tensor:
+        """(N,) rewards of token sequences (chat-rendered prompt + response + end token)."""
+        return torch.cat([self.score_ids(seqs[i:i + self.batch_size]) for i in range(0, len(seqs), self.batch_size)])
+
+    @torch.no_grad()
+    def score_ids(self, seqs: list[list[int]]) -> torch.Tensor:
+        input_ids = pad_batch(seqs, self.tokenizer.pad_token_id).to(self.device)        # right-padded
+        attention_mask = pad_batch([[1] * len(s) for s in seqs], 0).to(self.device)
+        if self.kind == "value_head":
+            values = self.model(input_ids=input_ids, attention_mask=attention_mask)     # (B, T)
+            return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1).float().cpu()
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu()

@@ -1,0 +1,72 @@
+"""A Bradley-Terry reward model on preference pairs, for --reward_model of PPO / GPO / GRPO.
+
+    python train_reward.py                                 # the shipped demo's pairs, from the shipped SFT model
+    python train_reward.py --data_path dataset/dpo.jsonl --from_weight full_sft --epochs 3
+    torchrun --nproc_per_node 8 train_reward.py ...        # DDP, the same flags
+
+The model is the SFT model's transformer body with LoRA adapters plus a scalar head
+(model/value_head.py); the reward of a response is the head's value at its last token (the
+end-of-turn token). Loss: -log sigmoid(r(x, y+) - r(x, y-) [- margin]) [+ c (r+ + r-)^2].
+Saves the adapter and value_head.safetensors to {save_dir}/{save_weight}_{hidden_size}/;
+``eval_align.py --reward_model`` that folder reports its held-out pair accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from dataset.data import collate_pairs, load_pairs, tokenize_pairs
+from model.value_head import last_token_index
+from utils.args import add_common_args
+from utils.errors import UserError, run_cli
+from utils.losses import reward_model_loss
+from utils.train import DataOrder, Run, train, validate_common_args
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Bradley-Terry reward model on preference pairs (LoRA + scalar head).")
+    add_common_args(parser, save_weight="reward", data_path="dataset/dpo.jsonl", epochs=2, batch_size=16,
+                    learning_rate=1e-3, max_seq_len=1024, from_weight="full_sft", log_interval=10,
+                    save_interval=100, use_lora=1)
+    g = parser.add_argument_group("reward model")
+    g.add_argument("--margin", type=int, choices=[0, 1], default=0,
+                   help='1: subtract each pair\'s "margin" field from the reward gap (Llama 2\'s margin loss) (default: 0)')
+    g.add_argument("--center_rewards", type=float, default=0.0,
+                   help="coefficient of (r+ + r-)^2, which keeps rewards centred on 0 (e.g. 0.01; default: 0, off)")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    validate_common_args(args)                # bad flags and bad data stop the run before any model is built
+    if args.center_rewards < 0:
+        raise UserError(f"--center_rewards must be 0 (off) or positive (got {args.center_rewards})")
+    pairs = load_pairs(args.data_path)
+    if args.margin:
+        missing = [i for i, p in enumerate(pairs) if "margin" not in p]
+        if missing:
+            raise UserError(f'{args.data_path}: --margin 1 needs a "margin" field on every pair; '
+                            f"{len(missing)} pair(s) have none (the first is pair {missing[0] + 1})")
+    run = Run(args, "reward", value_head=True)
+    items, kept = tokenize_pairs(pairs, run.tokenizer, args.max_seq_len, args.data_path)
+    margins = torch.tensor([p.get("margin", 0.0) for p in kept])
+    order = DataOrder(len(items), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,
+                      what="pairs")
+    pad = run.tokenizer.pad_token_id
+
+    def micro_step(indices):
+        batch = {k: v.to(run.device) for k, v in collate_pairs([items[i] for i in indices], pad).items()}
+        with run.autocast():
+            values = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])   # (2B, T)
+        rewards = values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)    # (2B,)
+        n = len(indices)
+        loss, metrics = reward_model_loss(rewards[:n], rewards[n:],
+                                          margins[indices].to(run.device) if args.margin else None,
+                                          args.center_rewards)
+        return loss, metrics, int(batch["attention_mask"].sum())
+
+    return train(run, order, micro_step, desc="reward", extra_meta={"kind": "reward_model"})
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,175 @@
+"""Rewards for PPO / GPO / GRPO: built-in functions, a user's own, and reward models.
+
+A reward function is called once per rollout batch as
+
+    func(prompts, responses, **fields) -> list of floats, one per response
+
+prompts: the chat messages of each sample's prompt; responses: the decoded texts; fields: every
+other column of the prompt file, one list per column (e.g. ``answer=[...]``), aligned with the
+responses. ``--reward_funcs accuracy,format,my_rewards:brevity`` picks them (``module:function``
+is imported from the working directory or the Python path), ``--reward_weights`` weights them,
+``--reward_clip`` clips the weighted sum, and ``--reward_model`` adds a model's score.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import re
+import sys
+
+import torch
+
+from dataset.answers import extract_answer, is_correct
+from utils.errors import UserError
+
+# ------------------------------------------------------------------------------------ built-ins
+LENGTH_BUDGET = 200   # characters: the length reward is 1 up to a quarter of this, 0 at it and beyond
+_WORD_RE = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
+
+
+def accuracy_reward(prompts, responses, answer=None, **_):
+    """1.0 when the response's final answer ("The answer is X." / "答案是 X。") equals the data's
+    ``answer`` field, else 0.0."""
+    if answer is None:
+        raise ValueError('the prompt file has no "answer" field')
+    return [1.0 if is_correct(r, a) else 0.0 for r, a in zip(responses, answer)]
+
+
+def format_reward(prompts, responses, **_):
+    """1.0 when the response ends by stating its answer in the expected form, 0.5 when it states
+    one earlier and then goes on, 0.0 when it states none."""
+    out = []
+    for r in responses:
+        if extract_answer(r) is None:
+            out.append(0.0)
+        else:
+            tail = r.rstrip()
+            out.append(1.0 if tail.endswith((".", "。")) and extract_answer(tail[-40:]) is not None else 0.5)
+    return out
+
+
+def length_reward(prompts, responses, **_):
+    """1.0 for responses up to LENGTH_BUDGET/4 characters, falling linearly to 0.0 at LENGTH_BUDGET."""
+    quarter = LENGTH_BUDGET / 4
+    return [max(0.0, min(1.0, (LENGTH_BUDGET - len(r)) / (LENGTH_BUDGET - quarter))) for r in responses]
+
+
+def repeated_ngram_share(text: str, n: int = 3) -> float:
+    """Share of the text's n-grams (over words, and single characters of scripts without
+    spaces such as Chinese) that already occurred earlier in it; 0 for text with no repeats."""
+    tokens = _WORD_RE.findall(text)
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def repetition_reward(prompts, responses, **_):
+    """1 minus the share of repeated 3-grams: 1.0 for text that never repeats itself."""
+    return [1.0 - repeated_ngram_share(r) for r in responses]
+
+
+BUILTIN_REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "length": length_reward,
+                   "repetition": repetition_reward}
+
+
+def load_reward_function(spec: str):
+    """A built-in name or ``module:function``; UserError when it cannot be found."""
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    if ":" not in spec:
+        raise UserError(f"--reward_funcs {spec}: not a built-in ({', '.join(BUILTIN_REWARDS)}) and not module:function")
+    module_name, func_name = spec.split(":", 1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise UserError(f"--reward_funcs {spec}: cannot import {module_name} ({e.__class__.__name__}: {e})")
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise UserError(f"--reward_funcs {spec}: {module_name} has no function {func_name}")
+    return func
+
+
+class RewardFunctions:
+    """The weighted sum of several reward functions (and optionally a reward model), clipped.
+
+    ``__call__`` returns (rewards (N,), breakdown {name: (N,)} of each unweighted component).
+    """
+
+    def __init__(self, specs: list[str], weights: list[float] | None = None, clip: float | None = None,
+                 reward_model=None, reward_model_weight: float = 1.0):
+        self.names = list(specs)
+        self.funcs = [load_reward_function(s) for s in self.names]
+        if weights is None:
+            weights = [1.0] * len(self.funcs)
+        if len(weights) != len(self.funcs):
+            raise UserError(f"--reward_weights has {len(weights)} value(s) for {len(self.funcs)} --reward_funcs")
+        if not self.funcs and reward_model is None:
+            raise UserError("no reward: give --reward_funcs and/or --reward_model")
+        self.weights, self.clip = list(weights), clip
+        self.reward_model, self.reward_model_weight = reward_model, reward_model_weight
+
+    def __call__(self, prompts: list, responses: list[str], fields: dict[str, list]):
+        n = len(responses)
+        total = torch.zeros(n, dtype=torch.float32)
+        breakdown = {}
+        for name, func, w in zip(self.names, self.funcs, self.weights):
+            try:
+                values = func(prompts, responses, **fields)
+            except UserError:
+                raise
+            except Exception as e:
+                raise UserError(f"reward function {name} failed: {e.__class__.__name__}: {e}") from e
+            values = self._check(name, values, n)
+            breakdown[name] = values
+            total += w * values
+        if self.reward_model is not None:
+            scores = self.reward_model.score(prompts, responses).float().cpu()
+            breakdown["reward_model"] = scores
+            total += self.reward_model_weight * scores
+        if self.clip:
+            total = total.clamp(-self.clip, self.clip)
+        return total, breakdown
+
+    @staticmethod
+    def _check(name: str, values, n: int) -> torch.Tensor:
+        try:
+            t = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"reward function {name} must return numbers, one per response ({e})")
+        if t.numel() != n:
+            raise UserError(f"reward function {name} returned {t.numel()} value(s) for {n} responses; "
+                            f"it must return one float per response")
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"reward function {name} returned {bad} non-finite value(s) (nan or inf)")
+        return t
+
+
+def parse_reward_args(funcs: str | None, weights: str | None) -> tuple[list[str], list[float] | None]:
+    """``--reward_funcs a,b`` and ``--reward_weights 1,0.5`` as lists (UserError on a bad number)."""
+    specs = [s.strip() for s in (funcs or "").split(",") if s.strip()]
+    if not weights:
+        return specs, None
+    try:
+        values = [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise UserError(f"--reward_weights {weights}: give comma-separated numbers, one per --reward_funcs entry")
+    if any(not math.isfinite(v) for v in values):
+        raise UserError(f"--reward_weights {weights}: every weight must be a finite number")
+    return specs, values
+
+
+def rewards_from_args(args, device="cpu") -> RewardFunctions:
+    """The RewardFunctions that --reward_funcs, --reward_weights, --reward_clip and
+    --reward_model (see utils.args.add_reward_args) describe."""
+    specs, weights = parse_reward_args(args.reward_funcs, args.reward_weights)
+    reward_model = None
+    if args.reward_model:
+        from model.value_head import RewardModel
+        reward_model = RewardModel.load(args.reward_model, device=device, save_dir=getattr(args, "save_dir", "out"))
+    return RewardFunctions(specs, weights, clip=args.reward_clip or None, reward_model=reward_model,
+                           reward_model_weight=args.reward_model_weight)
