@@ -337,11 +337,38 @@ def train(run: Run, order: DataOrder, micro_step, *, desc: str, optimizer=None, 
     micro_step(indices) -> (loss, metrics, n_tokens): the loss of one micro-batch (the dataset
     items at ``indices``), computed with a forward through ``run.model``; metrics are floats
     (or 0-d tensors) averaged over the log window and over ranks before they are logged.
-    The learning-rate schedule spans every epoch; --max_steps only stops early, so a run
-    stopped there and resumed later follows the same curve as one that never stopped.
     """
     args = run.args
     optimizer = optimizer or torch.optim.AdamW(run.trainable_parameters(), lr=args.learning_rate, weight_decay=0.0)
+
+    def one_step(state: TrainState, lr: float):
+        sums, tokens = {}, 0
+        for _ in range(args.accumulation_steps):
+            with run.grad_sync(state.micro):
+                loss, metrics, n_tokens = micro_step(order.batch(state.micro))
+                run.scaler.scale(loss / args.accumulation_steps).backward()
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            tokens += n_tokens
+            state.micro += 1
+        grad_norm = clip_and_step(run, optimizer, args.grad_clip)
+        return {**{k: v / args.accumulation_steps for k, v in sums.items()}, "grad_norm": grad_norm}, tokens
+
+    return run_steps(run, order, optimizer, one_step, desc=desc, extra_meta=extra_meta)
+
+
+def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, extra_meta: dict | None = None) -> str:
+    """The loop around every training script's steps. Returns the weights folder.
+
+    one_step(state, lr) -> (metrics, n_tokens) does one step at learning rate ``lr`` (already
+    set on ``optimizer``): its forwards, backwards and optimizer update(s), advancing
+    ``state.micro`` by the data batches it used. Around it: --from_resume 1, the cosine
+    schedule, logging (metrics averaged over the log window and over ranks), saving every
+    --save_interval steps, at the end and on SIGTERM/SIGINT. The schedule spans every epoch;
+    --max_steps only stops early, so a run stopped there and resumed later follows the same
+    curve as one that never stopped.
+    """
+    args = run.args
     total_steps = order.total_steps
     stop_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     state = run.resume_or_start(optimizer, order)
@@ -351,38 +378,30 @@ def train(run: Run, order: DataOrder, micro_step, *, desc: str, optimizer=None, 
                        wandb_id=state.wandb_id, desc=desc)
     state.wandb_id = logger.wandb_id
     stop = StopSignal()
-    sums, n_micro, tokens, t_last = {}, 0, 0, time.time()
+    sums, n_steps, tokens, t_last = {}, 0, 0, time.time()
     stopped = finished = False
     try:
         while state.step < stop_step:
-            # Stop only between optimizer steps, and on every rank at the same one.
-            if state.micro % args.accumulation_steps == 0 and run.any_rank(stop.received is not None):
+            if run.any_rank(stop.received is not None):  # every rank stops at the same step
                 stopped = True
                 break
-            with run.grad_sync(state.micro):
-                loss, metrics, n_tokens = micro_step(order.batch(state.micro))
-                run.scaler.scale(loss / args.accumulation_steps).backward()
-            for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-            n_micro, tokens = n_micro + 1, tokens + n_tokens
-            state.micro += 1
-            if state.micro % args.accumulation_steps:
-                continue
             lr = cosine_lr(state.step, total_steps, args.learning_rate)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            grad_norm = clip_and_step(run, optimizer, args.grad_clip)
+            metrics, n_tokens = one_step(state, lr)
             state.step += 1
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n_steps, tokens = n_steps + 1, tokens + n_tokens
             if state.step % args.log_interval == 0 or state.step == stop_step:
-                # Averaged over the micro-batches since the last log line and over ranks.
                 names = list(sums)
-                values = run.all_mean([sums[k] / n_micro for k in names] + [float(tokens)])
+                values = run.all_mean([sums[k] / n_steps for k in names] + [float(tokens)])
                 now = time.time()
-                logger.step(state.step, {**dict(zip(names, values[:-1])), "lr": lr, "grad_norm": grad_norm,
+                logger.step(state.step, {**dict(zip(names, values[:-1])), "lr": lr,
                                          "epoch": order.epoch_of(state.micro - 1),
                                          "tokens_per_sec": values[-1] * run.dist.world_size / max(now - t_last, 1e-9)},
                             force=True)
-                sums, n_micro, tokens, t_last = {}, 0, 0, now
+                sums, n_steps, tokens, t_last = {}, 0, 0, now
             else:
                 logger.step(state.step, {})
             if state.step % args.save_interval == 0 and state.step < stop_step:

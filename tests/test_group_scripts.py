@@ -1,0 +1,99 @@
+"""train_gpo.py and train_grpo.py end to end: tiny runs, exact resume (sampling RNG included), torchrun, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+import train_gpo
+import train_grpo
+from conftest import first_lines, free_port, run_args
+from utils.errors import UserError
+
+TINY = ["--num_generations", "2", "--max_gen_len", "6", "--batch_size", "4"]
+METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio", "completions/mean_length",
+           "completions/clipped_ratio", "completions/repetition", "loss", "lr", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    return first_lines("dataset/rl.jsonl", 32, tmp_path_factory.mktemp("rldata"))
+
+
+def args_for(script, tmp, data, tiny_dir, *extra):
+    return run_args(script.parse_args, tmp, data, os.path.join(tiny_dir, "full_sft_32"), *TINY, *extra)
+
+
+def adapter(folder):
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def rows(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+@pytest.mark.parametrize("script, extra", [(train_gpo, ["--reward_funcs", "length,format", "--reward_weights", "1,0.5"]),
+                                           (train_grpo, [])])
+def test_tiny_run_logs_every_metric_and_saves_lora_only(tmp_path, prompts, tiny_dir, script, extra, capsys):
+    out = script.main(args_for(script, tmp_path, prompts, tiny_dir, "--max_steps", "2", "--debug_mode",
+                               "--debug_interval", "1", *extra))
+    assert all("lora_" in k for k in adapter(out))
+    logged = rows(out + "_metrics.jsonl")
+    assert [r["step"] for r in logged] == [1, 2]
+    for key in METRICS:
+        assert key in logged[0], key
+    assert logged[0]["kl"] == pytest.approx(0, abs=1e-6)        # the first rollout's policy is the reference
+    assert "advantage" in capsys.readouterr().out               # --debug_mode printed the samples
+
+
+@pytest.mark.parametrize("script, extra", [
+    (train_gpo, ["--reward_funcs", "tests.helpers.toy_rewards:char_count", "--ppo_epochs", "2", "--mini_batch_size", "4",
+                "--accumulation_steps", "2"]),
+    (train_grpo, ["--logp_reduce", "sum"]),
+])
+def test_resume_equals_uninterrupted(tmp_path, prompts, tiny_dir, script, extra):
+    common = ["--learning_rate", "1e-2", *extra]
+    straight = script.main(args_for(script, tmp_path / "a", prompts, tiny_dir, *common, "--max_steps", "4"))
+    script.main(args_for(script, tmp_path / "b", prompts, tiny_dir, *common, "--max_steps", "2"))
+    resumed = script.main(args_for(script, tmp_path / "b", prompts, tiny_dir, *common, "--max_steps", "4",
+                                   "--from_resume", "1"))
+    a, b = adapter(straight), adapter(resumed)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    early = adapter(script.main(args_for(script, tmp_path / "c", prompts, tiny_dir, *common, "--max_steps", "2")))
+    assert max(float((a[k] - early[k]).abs().max()) for k in a) > 1e-5     # steps 3-4 moved the weights
+    ra, rb = rows(straight + "_metrics.jsonl"), rows(resumed + "_metrics.jsonl")
+    assert [r["reward"] for r in ra] == pytest.approx([r["reward"] for r in rb], abs=1e-6)  # same samples
+
+
+def test_torchrun_two_processes(tmp_path, prompts, tiny_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "train_gpo.py", "--data_path", prompts, "--from_weight",
+         os.path.join(tiny_dir, "full_sft_32"), *TINY, "--reward_funcs", "tests.helpers.toy_rewards:char_count", "--scale_rewards", "batch",
+         "--max_steps", "2", "--device", "cpu", "--log_interval", "1",
+         "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ck")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and "weights identical on all 2 processes" in proc.stdout
+    assert [r["step"] for r in rows(tmp_path / "out" / "gpo_32_metrics.jsonl")] == [1, 2]
+
+
+def test_bad_input_stops_before_training(tmp_path, prompts, tiny_dir):
+    no_answer = tmp_path / "q.jsonl"
+    no_answer.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(UserError, match='accuracy reward needs an "answer" field'):
+        train_gpo.main(args_for(train_gpo, tmp_path, str(no_answer), tiny_dir))
+    with pytest.raises(UserError, match="--num_generations must be at least 2"):
+        train_gpo.main(args_for(train_gpo, tmp_path, prompts, tiny_dir, "--num_generations", "1"))
+    with pytest.raises(UserError, match="--mini_batch_size must divide the 8 samples"):
+        train_grpo.main(args_for(train_grpo, tmp_path, prompts, tiny_dir, "--mini_batch_size", "3"))
+    with pytest.raises(UserError, match="not a built-in"):
+        train_gpo.main(args_for(train_gpo, tmp_path, prompts, tiny_dir, "--reward_funcs", "acuracy"))
+    with pytest.raises(UserError, match="leaves no reward"):
+        train_grpo.main(args_for(train_grpo, tmp_path, prompts, tiny_dir, "--self_reward_weight", "0"))
+    assert not (tmp_path / "out").exists()
+    proc = subprocess.run([sys.executable, "train_grpo.py", "--temperature", "0", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: --temperature must be positive (got 0.0)"

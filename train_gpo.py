@@ -1,0 +1,86 @@
+"""GPO: PPO with a group-level advantage, a reward (functions and/or a reward model) and KL.
+
+    python train_gpo.py                                   # the demo's RL prompts, accuracy reward, shipped SFT start
+    python train_gpo.py --reward_model out/reward_192 --reward_funcs ''   # a reward model trained by train_reward.py
+    torchrun --nproc_per_node 8 train_gpo.py ...           # DDP, the same flags
+
+For each prompt, G responses are sampled and scored; each response's advantage is its
+reward minus its group's mean (``--baseline loo``: minus the mean of the other G-1), divided
+by the group's reward std (``--scale_rewards``), and shared by all its tokens. The loss is the
+PPO-clip loss with that advantage plus beta * k3 KL to the frozen reference (the SFT weights
+with the LoRA adapters off). This is what the literature calls GRPO (DeepSeekMath) or, with
+``--baseline loo --scale_rewards none``, RLOO. ``--adv_level group`` is the chapter's literal
+A_g: each group's mean reward, z-scored across the groups of the batch, for all its responses.
+
+One step = one batch of --batch_size prompts per process: sampling, scoring, then
+--ppo_epochs passes over its samples in mini-batches of --mini_batch_size, one optimizer
+update each (the ratio's old log-probs are the sampling-time ones).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from dataset.data import load_prompts
+from utils.args import add_common_args, add_reward_args, add_rollout_args, rollout_arg_problems
+from utils.errors import UserError, run_cli
+from utils.rewards import rewards_from_args
+from utils.rl import LOSS_AGGREGATIONS, add_group_args, encode_prompts, group_arg_problems, make_group_step, prompt_fields
+from utils.rollout import HFRolloutEngine
+from utils.train import DataOrder, Run, run_steps, validate_common_args
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="GPO: group-advantage PPO with a reward and KL to a frozen reference.")
+    add_common_args(parser, save_weight="gpo", data_path="dataset/rl.jsonl", epochs=1, batch_size=16,
+                    learning_rate=2e-3, max_seq_len=256, from_weight="full_sft", log_interval=10,
+                    save_interval=50, use_lora=1)
+    add_rollout_args(parser, num_generations=8, max_gen_len=48)
+    add_reward_args(parser, reward_funcs="accuracy")
+    add_group_args(parser, beta=0.02)
+    g = parser.add_argument_group("GPO")
+    g.add_argument("--baseline", choices=["mean", "loo"], default="mean",
+                   help="subtracted from each reward: the group mean, or the mean of the other samples (default: %(default)s)")
+    g.add_argument("--scale_rewards", choices=["group", "batch", "none"], default="group",
+                   help="divide advantages by the group's reward std, the batch's, or nothing (default: %(default)s)")
+    g.add_argument("--adv_level", choices=["sample", "group"], default="sample",
+                   help="sample: one advantage per response; group: the seed's A_g per group (default: %(default)s)")
+    g.add_argument("--loss_agg", choices=LOSS_AGGREGATIONS, default="token_mean",
+                   help="average the loss over all response tokens, or per response then over responses (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    validate_common_args(args)                # bad flags and bad data stop the run before any model is built
+    problems = rollout_arg_problems(args) + group_arg_problems(args)
+    if problems:
+        raise UserError("; ".join(problems))
+    prompts = load_prompts(args.data_path)
+    rewards = rewards_from_args(args, device="cpu" if args.device == "cpu" else args.device)
+    if "accuracy" in rewards.names and any("answer" not in p for p in prompts):
+        first = next(i for i, p in enumerate(prompts) if "answer" not in p)
+        raise UserError(f'{args.data_path}: the accuracy reward needs an "answer" field on every prompt '
+                        f"(prompt {first + 1} has none); use other --reward_funcs or add the answers")
+    max_prompt_len = args.max_seq_len - args.max_gen_len
+    if max_prompt_len < 1:
+        raise UserError(f"--max_seq_len {args.max_seq_len} leaves no room for a prompt beside --max_gen_len {args.max_gen_len}")
+    run = Run(args, "gpo", reference="shared" if args.use_lora else "copy")
+    prompt_ids = encode_prompts(run.tokenizer, prompts, max_prompt_len)
+    order = DataOrder(len(prompts), args.batch_size, args.epochs, 1, args.seed, run.dist, what="prompts")
+    engine = HFRolloutEngine(run.base_model, run.tokenizer, args.max_gen_len, args.temperature, args.top_p, args.top_k,
+                             autocast=run.autocast)
+    G = args.num_generations
+
+    def score(rows, rollout):
+        msgs = [r["prompt"] for r in rows for _ in range(G)]
+        return rewards(msgs, rollout.texts, prompt_fields(rows, G))
+
+    optimizer = torch.optim.AdamW(run.trainable_parameters(), lr=args.learning_rate, weight_decay=0.0)
+    step = make_group_step(run, order, prompts, prompt_ids, engine, optimizer, score, loss_agg=args.loss_agg,
+                           baseline=args.baseline, scale=args.scale_rewards, level=args.adv_level)
+    return run_steps(run, order, optimizer, step, desc="gpo", extra_meta={"reward_funcs": args.reward_funcs})
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

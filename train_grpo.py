@@ -1,0 +1,95 @@
+"""GRPO as the chapter writes it: reward-free, each sample rewarded by its own log-probability.
+
+    python train_grpo.py                                  # the demo's RL prompts, shipped SFT start
+    python train_grpo.py --logp_reduce sum --beta 0       # the chapter's literal loss, no KL
+    python train_grpo.py --reward_funcs accuracy --self_reward_weight 0   # DeepSeekMath's GRPO
+    torchrun --nproc_per_node 8 train_grpo.py ...          # DDP, the same flags
+
+For G samples y_1..y_G of a prompt, r_i = log pi(y_i|x) at sampling time (no gradient; the
+mean per token with ``--logp_reduce mean``, the sum with ``sum``), A_i = r_i - mean_j r_j
+(``--scale_rewards group`` also divides by the group's std), and the loss is the chapter's
+-E_x[sum_i A_i log pi(y_i|x)] in PPO-clip form, plus beta * k3 KL to the frozen reference.
+At one update per rollout its gradient is exactly the chapter's.
+
+What it does: it raises the probability of what the model already finds likely and lowers the
+rest, i.e. it sharpens the model's distribution towards its own preferences (self-confidence
+training, like entropy minimisation). Without a reference to hold it, that collapses into short
+or repeated text ("No Free Lunch", arXiv 2506.17219), so the KL term is on by default and
+entropy, length and repetition are logged. ``--reward_funcs`` / ``--reward_model`` add an
+external reward, weighted against the self-reward by ``--self_reward_weight``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from dataset.data import load_prompts
+from utils.args import add_common_args, add_reward_args, add_rollout_args, rollout_arg_problems
+from utils.errors import UserError, run_cli
+from utils.logprobs import masked_reduce
+from utils.rewards import rewards_from_args
+from utils.rl import add_group_args, encode_prompts, group_arg_problems, make_group_step, prompt_fields
+from utils.rollout import HFRolloutEngine
+from utils.train import DataOrder, Run, run_steps, validate_common_args
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="The chapter's reward-free GRPO: group-relative self log-probability.")
+    add_common_args(parser, save_weight="grpo", data_path="dataset/rl.jsonl", epochs=1, batch_size=16,
+                    learning_rate=5e-4, max_seq_len=256, from_weight="full_sft", log_interval=10,
+                    save_interval=50, use_lora=1)
+    add_rollout_args(parser, num_generations=8, max_gen_len=48)
+    add_reward_args(parser, reward_funcs="")
+    add_group_args(parser, beta=0.1)
+    g = parser.add_argument_group("GRPO")
+    g.add_argument("--logp_reduce", choices=["mean", "sum"], default="mean",
+                   help="the self-reward and log pi(y|x): mean per token, or sum (the chapter's literal form) "
+                        "(default: %(default)s)")
+    g.add_argument("--scale_rewards", choices=["group", "none"], default="none",
+                   help="none: A_i = r_i - group mean (the chapter); group: also divided by the group std (default: %(default)s)")
+    g.add_argument("--self_reward_weight", type=float, default=1.0,
+                   help="weight of the log-prob self-reward when an external reward is added (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    validate_common_args(args)                # bad flags and bad data stop the run before any model is built
+    problems = rollout_arg_problems(args) + group_arg_problems(args)
+    if problems:
+        raise UserError("; ".join(problems))
+    prompts = load_prompts(args.data_path)
+    external = rewards_from_args(args, device=args.device) if (args.reward_funcs or args.reward_model) else None
+    if external is None and args.self_reward_weight == 0:
+        raise UserError("--self_reward_weight 0 with no --reward_funcs or --reward_model leaves no reward")
+    max_prompt_len = args.max_seq_len - args.max_gen_len
+    if max_prompt_len < 1:
+        raise UserError(f"--max_seq_len {args.max_seq_len} leaves no room for a prompt beside --max_gen_len {args.max_gen_len}")
+    run = Run(args, "grpo", reference="shared" if args.use_lora else "copy")
+    prompt_ids = encode_prompts(run.tokenizer, prompts, max_prompt_len)
+    order = DataOrder(len(prompts), args.batch_size, args.epochs, 1, args.seed, run.dist, what="prompts")
+    engine = HFRolloutEngine(run.base_model, run.tokenizer, args.max_gen_len, args.temperature, args.top_p, args.top_k,
+                             autocast=run.autocast)
+    G = args.num_generations
+
+    def score(rows, rollout):
+        # The sample's own log-prob at sampling time: a number, never a gradient path.
+        self_reward = masked_reduce(rollout.logps, rollout.response_mask[:, 1:], args.logp_reduce).float().cpu()
+        parts = {"logp": self_reward}
+        total = args.self_reward_weight * self_reward
+        if external is not None:
+            extra, extra_parts = external([r["prompt"] for r in rows for _ in range(G)], rollout.texts,
+                                          prompt_fields(rows, G))
+            total, parts = total + extra, {**parts, **extra_parts}
+        return total, parts
+
+    optimizer = torch.optim.AdamW(run.trainable_parameters(), lr=args.learning_rate, weight_decay=0.0)
+    # Sum over a group's samples, mean over prompts: the chapter's -E_x[sum_i A_i log pi(y_i|x)].
+    loss_agg = "seq_mean_group_sum" if args.logp_reduce == "mean" else "seq_sum_group_sum"
+    step = make_group_step(run, order, prompts, prompt_ids, engine, optimizer, score, loss_agg=loss_agg,
+                           baseline="mean", scale=args.scale_rewards, level="sample")
+    return run_steps(run, order, optimizer, step, desc="grpo", extra_meta={"logp_reduce": args.logp_reduce})
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
