@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from dataset.data import load_prompts
-from utils.args import add_common_args, add_reward_args, add_rollout_args, rollout_arg_problems
+from utils.args import add_common_args, add_reward_args, add_rollout_args
 from utils.errors import UserError, run_cli
 from utils.rewards import rewards_from_args
-from utils.rl import LOSS_AGGREGATIONS, add_group_args, encode_prompts, group_arg_problems, make_group_step, prompt_fields
-from utils.rollout import HFRolloutEngine
-from utils.train import DataOrder, Run, run_steps, validate_common_args
+from utils.rl import LOSS_AGGREGATIONS, add_group_args, check_group_args, make_group_step, prompt_fields, start_group_run
+from utils.train import run_steps
 
 
 def parse_args(argv=None):
@@ -52,31 +49,20 @@ def parse_args(argv=None):
 
 
 def main(args):
-    validate_common_args(args)                # bad flags and bad data stop the run before any model is built
-    problems = rollout_arg_problems(args) + group_arg_problems(args)
-    if problems:
-        raise UserError("; ".join(problems))
+    check_group_args(args)                    # bad flags and bad data stop the run before any model is built
     prompts = load_prompts(args.data_path)
-    rewards = rewards_from_args(args, device="cpu" if args.device == "cpu" else args.device)
+    rewards = rewards_from_args(args, device=args.device)
     if "accuracy" in rewards.names and any("answer" not in p for p in prompts):
         first = next(i for i, p in enumerate(prompts) if "answer" not in p)
         raise UserError(f'{args.data_path}: the accuracy reward needs an "answer" field on every prompt '
                         f"(prompt {first + 1} has none); use other --reward_funcs or add the answers")
-    max_prompt_len = args.max_seq_len - args.max_gen_len
-    if max_prompt_len < 1:
-        raise UserError(f"--max_seq_len {args.max_seq_len} leaves no room for a prompt beside --max_gen_len {args.max_gen_len}")
-    run = Run(args, "gpo", reference="shared" if args.use_lora else "copy")
-    prompt_ids = encode_prompts(run.tokenizer, prompts, max_prompt_len)
-    order = DataOrder(len(prompts), args.batch_size, args.epochs, 1, args.seed, run.dist, what="prompts")
-    engine = HFRolloutEngine(run.base_model, run.tokenizer, args.max_gen_len, args.temperature, args.top_p, args.top_k,
-                             autocast=run.autocast)
+    run, order, prompt_ids, engine, optimizer = start_group_run(args, "gpo", prompts)
     G = args.num_generations
 
     def score(rows, rollout):
         msgs = [r["prompt"] for r in rows for _ in range(G)]
         return rewards(msgs, rollout.texts, prompt_fields(rows, G))
 
-    optimizer = torch.optim.AdamW(run.trainable_parameters(), lr=args.learning_rate, weight_decay=0.0)
     step = make_group_step(run, order, prompts, prompt_ids, engine, optimizer, score, loss_agg=args.loss_agg,
                            baseline=args.baseline, scale=args.scale_rewards, level=args.adv_level)
     return run_steps(run, order, optimizer, step, desc="gpo", extra_meta={"reward_funcs": args.reward_funcs})

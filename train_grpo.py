@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from dataset.data import load_prompts
-from utils.args import add_common_args, add_reward_args, add_rollout_args, rollout_arg_problems
+from utils.args import add_common_args, add_reward_args, add_rollout_args
 from utils.errors import UserError, run_cli
 from utils.logprobs import masked_reduce
 from utils.rewards import rewards_from_args
-from utils.rl import add_group_args, encode_prompts, group_arg_problems, make_group_step, prompt_fields
-from utils.rollout import HFRolloutEngine
-from utils.train import DataOrder, Run, run_steps, validate_common_args
+from utils.rl import add_group_args, check_group_args, make_group_step, prompt_fields, start_group_run
+from utils.train import run_steps
 
 
 def parse_args(argv=None):
@@ -54,22 +51,12 @@ def parse_args(argv=None):
 
 
 def main(args):
-    validate_common_args(args)                # bad flags and bad data stop the run before any model is built
-    problems = rollout_arg_problems(args) + group_arg_problems(args)
-    if problems:
-        raise UserError("; ".join(problems))
+    check_group_args(args)                    # bad flags and bad data stop the run before any model is built
     prompts = load_prompts(args.data_path)
     external = rewards_from_args(args, device=args.device) if (args.reward_funcs or args.reward_model) else None
     if external is None and args.self_reward_weight == 0:
         raise UserError("--self_reward_weight 0 with no --reward_funcs or --reward_model leaves no reward")
-    max_prompt_len = args.max_seq_len - args.max_gen_len
-    if max_prompt_len < 1:
-        raise UserError(f"--max_seq_len {args.max_seq_len} leaves no room for a prompt beside --max_gen_len {args.max_gen_len}")
-    run = Run(args, "grpo", reference="shared" if args.use_lora else "copy")
-    prompt_ids = encode_prompts(run.tokenizer, prompts, max_prompt_len)
-    order = DataOrder(len(prompts), args.batch_size, args.epochs, 1, args.seed, run.dist, what="prompts")
-    engine = HFRolloutEngine(run.base_model, run.tokenizer, args.max_gen_len, args.temperature, args.top_p, args.top_k,
-                             autocast=run.autocast)
+    run, order, prompt_ids, engine, optimizer = start_group_run(args, "grpo", prompts)
     G = args.num_generations
 
     def score(rows, rollout):
@@ -83,7 +70,6 @@ def main(args):
             total, parts = total + extra, {**parts, **extra_parts}
         return total, parts
 
-    optimizer = torch.optim.AdamW(run.trainable_parameters(), lr=args.learning_rate, weight_decay=0.0)
     # Sum over a group's samples, mean over prompts: the chapter's -E_x[sum_i A_i log pi(y_i|x)].
     loss_agg = "seq_mean_group_sum" if args.logp_reduce == "mean" else "seq_sum_group_sum"
     step = make_group_step(run, order, prompts, prompt_ids, engine, optimizer, score, loss_agg=loss_agg,

@@ -184,6 +184,33 @@ def group_arg_problems(args) -> list[str]:
     return problems
 
 
+def check_group_args(args) -> None:
+    """Every problem with the shared, sampling and policy-update flags, raised once (before any model)."""
+    from utils.args import rollout_arg_problems
+    from utils.errors import UserError
+    from utils.train import validate_common_args
+    validate_common_args(args)
+    problems = rollout_arg_problems(args) + group_arg_problems(args)
+    if args.max_seq_len - args.max_gen_len < 1:
+        problems.append(f"--max_seq_len {args.max_seq_len} leaves no room for a prompt beside --max_gen_len {args.max_gen_len}")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def start_group_run(args, algorithm: str, prompts: list[dict]):
+    """(run, order, prompt_ids, engine, optimizer) of a GPO / GRPO run: the policy with LoRA and
+    its reference, the prompts tokenized once, their seeded order, the sampler and AdamW."""
+    from utils.rollout import HFRolloutEngine
+    from utils.train import DataOrder, Run
+    run = Run(args, algorithm, reference="shared" if args.use_lora else "copy")
+    prompt_ids = encode_prompts(run.tokenizer, prompts, args.max_seq_len - args.max_gen_len)
+    order = DataOrder(len(prompts), args.batch_size, args.epochs, 1, args.seed, run.dist, what="prompts")
+    engine = HFRolloutEngine(run.base_model, run.tokenizer, args.max_gen_len, args.temperature, args.top_p, args.top_k,
+                             autocast=run.autocast)
+    optimizer = torch.optim.AdamW(run.trainable_parameters(), lr=args.learning_rate, weight_decay=0.0)
+    return run, order, prompt_ids, engine, optimizer
+
+
 def encode_prompts(tokenizer, prompts: list[dict], max_prompt_len: int) -> list[list[int]]:
     """Token ids of each prompt, cut from the left to ``max_prompt_len``."""
     from dataset.data import encode_prompt
