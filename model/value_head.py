@@ -19,6 +19,7 @@ from dataset.data import encode_prompt, encode_response, pad_batch
 from model.config import LMConfig
 from model.strict import key_mismatch
 from utils.errors import UserError
+from utils.logprobs import position_ids_from_mask
 
 HEAD_FILE = "value_head.safetensors"
 
@@ -39,7 +40,7 @@ class ValueHeadModel(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         if position_ids is None and attention_mask is not None:  # left padding scores as sampled
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = position_ids_from_mask(attention_mask)
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids).last_hidden_state       # (B, T, H)
         return self.head(hidden).squeeze(-1).float()                              # (B, T)

@@ -235,8 +235,8 @@ def make_group_step(run, order, prompts: list[dict], prompt_ids: list[list[int]]
     args, G = run.args, run.args.num_generations
 
     def one_step(state, lr):
-        rows = [prompts[i] for i in order.batch(state.micro)]
-        ids = [prompt_ids[i] for i in order.batch(state.micro)]
+        batch = order.batch(state.micro)
+        rows, ids = [prompts[i] for i in batch], [prompt_ids[i] for i in batch]
         state.micro += 1
         rollout = engine.generate(ids, G)
         rewards, parts = score(rows, rollout)                                   # (N,) on CPU
