@@ -22,9 +22,9 @@ import argparse
 
 from dataset.data import load_prompts
 from utils.args import add_common_args, add_reward_args, add_rollout_args
-from utils.errors import UserError, run_cli
-from utils.rewards import rewards_from_args
-from utils.rl import LOSS_AGGREGATIONS, add_group_args, check_group_args, make_group_step, prompt_fields, start_group_run
+from utils.errors import run_cli
+from utils.rewards import check_answers, rewards_from_args
+from utils.rl import LOSS_AGGREGATIONS, add_group_args, check_rl_args, make_group_step, prompt_fields, start_group_run
 from utils.train import run_steps
 
 
@@ -49,13 +49,10 @@ def parse_args(argv=None):
 
 
 def main(args):
-    check_group_args(args)                    # bad flags and bad data stop the run before any model is built
+    check_rl_args(args)                       # bad flags and bad data stop the run before any model is built
     prompts = load_prompts(args.data_path)
     rewards = rewards_from_args(args, device=args.device)
-    if "accuracy" in rewards.names and any("answer" not in p for p in prompts):
-        first = next(i for i, p in enumerate(prompts) if "answer" not in p)
-        raise UserError(f'{args.data_path}: the accuracy reward needs an "answer" field on every prompt '
-                        f"(prompt {first + 1} has none); use other --reward_funcs or add the answers")
+    check_answers(args.reward_funcs, prompts, args.data_path)
     run, order, prompt_ids, engine, optimizer = start_group_run(args, "gpo", prompts)
     G = args.num_generations
 

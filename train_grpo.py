@@ -27,7 +27,7 @@ from utils.args import add_common_args, add_reward_args, add_rollout_args
 from utils.errors import UserError, run_cli
 from utils.logprobs import masked_reduce
 from utils.rewards import rewards_from_args
-from utils.rl import add_group_args, check_group_args, make_group_step, prompt_fields, start_group_run
+from utils.rl import add_group_args, check_rl_args, make_group_step, prompt_fields, start_group_run
 from utils.train import run_steps
 
 
@@ -51,7 +51,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    check_group_args(args)                    # bad flags and bad data stop the run before any model is built
+    check_rl_args(args)                       # bad flags and bad data stop the run before any model is built
     prompts = load_prompts(args.data_path)
     external = rewards_from_args(args, device=args.device) if (args.reward_funcs or args.reward_model) else None
     if external is None and args.self_reward_weight == 0:

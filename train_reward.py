@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from dataset.data import collate_pairs, load_pairs, tokenize_pairs
-from model.value_head import last_token_index
+from model.value_head import last_token_index, reward_model_for_training
 from utils.args import add_common_args
 from utils.errors import UserError, run_cli
 from utils.losses import reward_model_loss
@@ -47,7 +47,7 @@ def main(args):
         if missing:
             raise UserError(f'{args.data_path}: --margin 1 needs a "margin" field on every pair; '
                             f"{len(missing)} pair(s) have none (the first is pair {missing[0] + 1})")
-    run = Run(args, "reward", value_head=True)
+    run = Run(args, "reward", wrap=lambda lm, _: reward_model_for_training(lm, seed=args.seed))
     items, kept = tokenize_pairs(pairs, run.tokenizer, args.max_seq_len, args.data_path)
     margins = torch.tensor([p.get("margin", 0.0) for p in kept])
     order = DataOrder(len(items), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,

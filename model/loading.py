@@ -236,24 +236,35 @@ def _load_adapter(path: str, lm_config: LMConfig, save_dir: str, depth: int = 0)
     if depth > 8:
         raise UserError(f"adapter {path}: its chain of recorded bases is more than 8 deep (a loop?); "
                         f"give the base as --from_weight and the adapter as --lora_weight")
+    src = adapter_base(path, lm_config, save_dir)
+    model, real, tok_dir = _load_source(src, lm_config, save_dir, depth + 1)
+    load_lora(model, path)
+    merge_lora(model)
+    return model, real, tok_dir
+
+
+def adapter_base(path: str, lm_config: LMConfig, save_dir: str = "out") -> WeightSource:
+    """Where the base weights of the adapter folder ``path`` are (the path it recorded, else its
+    base name resolved like --from_weight)."""
     meta = read_adapter_meta(path)
     base = meta.get("base")
     adapter_config = LMConfig.from_dict(meta["lm_config"]) if meta.get("lm_config") else lm_config
     _check_sizes(path, lm_config, adapter_config)
     base_path = os.path.normpath(os.path.join(path, meta["base_path"])) if meta.get("base_path") else None
     if base_path and _classify(base_path):
-        src = _classify(base_path)
-    elif base:
-        src = resolve_weight(base, LMConfig(hidden_size=adapter_config.hidden_size,
-                                            num_hidden_layers=adapter_config.num_hidden_layers,
-                                            use_moe=adapter_config.use_moe), save_dir)
-    else:
-        raise UserError(f"adapter {path} does not record its base model; give the base as --from_weight "
-                        f"and the adapter as --lora_weight")
-    model, real, tok_dir = _load_source(src, lm_config, save_dir, depth + 1)
-    load_lora(model, path)
-    merge_lora(model)
-    return model, real, tok_dir
+        return _classify(base_path)
+    if base:
+        return resolve_weight(base, LMConfig(hidden_size=adapter_config.hidden_size,
+                                             num_hidden_layers=adapter_config.num_hidden_layers,
+                                             use_moe=adapter_config.use_moe), save_dir)
+    raise UserError(f"adapter {path} does not record its base model; give the base as --from_weight "
+                    f"and the adapter as --lora_weight")
+
+
+def same_weights(a: WeightSource, b: WeightSource) -> bool:
+    """True when both name the same weight file or folder (an adapter never counts: it is merged)."""
+    return (a.kind == b.kind and a.kind in ("file", "hf") and a.path is not None and b.path is not None
+            and os.path.realpath(a.path) == os.path.realpath(b.path))
 
 
 def _load_source(src: WeightSource, lm_config: LMConfig, save_dir: str, depth: int = 0):

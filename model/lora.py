@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
@@ -32,7 +33,11 @@ PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts in fron
 
 
 def _linear_names(model) -> set[str]:
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    """Names of the model's linear layers, counting those that already carry an adapter."""
+    def is_linear(m):
+        return isinstance(m.get_base_layer() if isinstance(m, BaseTunerLayer) else m, torch.nn.Linear)
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if is_linear(m) and ".lora_" not in name and not name.endswith("base_layer")}
 
 
 def apply_lora(model, rank: int = 8, alpha: float = 16, targets=None, dropout: float = 0.0,
@@ -41,7 +46,8 @@ def apply_lora(model, rank: int = 8, alpha: float = 16, targets=None, dropout: f
 
     targets: module names (e.g. ``q_proj``) to adapt; default: every attention and MLP
     projection the model has (an MoE's fused experts are left alone). Only parameters with
-    ``lora`` in their name are left trainable.
+    ``lora`` in their name are left trainable. A second adapter (another ``adapter_name``, e.g.
+    PPO's critic) goes beside the first on the same base weights; the active one stays active.
     """
     present = _linear_names(model)
     if targets is None:
@@ -54,10 +60,54 @@ def apply_lora(model, rank: int = 8, alpha: float = 16, targets=None, dropout: f
                             f"choose from {','.join(sorted(present - {'lm_head'}))}")
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
                         init_lora_weights=True, bias="none")
-    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    _inject(config, model, adapter_name)
     for name, param in model.named_parameters():
         param.requires_grad = "lora" in name
     return model
+
+
+def _inject(config, model, adapter_name: str) -> None:
+    """peft's inject_adapter_in_model, keeping the adapter that was active before (peft makes
+    the newest one active) and without its warning about a model with several adapters."""
+    before = active_adapter(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    if before is not None:
+        _set_active(model, before)
+
+
+def active_adapter(model) -> str | None:
+    """The name of the adapter the model runs with (None: no adapter injected)."""
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            return m.active_adapters[0]
+    return None
+
+
+def _set_active(model, name: str) -> None:
+    # BaseTunerLayer.set_adapter would also flip requires_grad on every adapter; only the
+    # routing changes here, so the trainable set stays what the optimizer and DDP expect.
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            m._active_adapter = [name]
+
+
+@contextlib.contextmanager
+def use_adapter(model, name: str):
+    """Run ``model`` with adapter ``name`` (e.g. PPO's critic) inside the block, then switch back."""
+    before = active_adapter(model)
+    _set_active(model, name)
+    try:
+        yield model
+    finally:
+        if before is not None:
+            _set_active(model, before)
+
+
+def adapter_parameters(model, adapter_name: str) -> list[torch.nn.Parameter]:
+    """The LoRA tensors of one adapter (``...lora_A.<adapter_name>.weight``)."""
+    return [p for n, p in model.named_parameters() if f".{adapter_name}." in n and ".lora_" in n]
 
 
 def lora_state_dict(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -118,7 +168,7 @@ def load_lora(model, adapter_dir: str, adapter_name: str = "default"):
     except Exception as e:  # truncated or not a safetensors file
         raise UserError(f"cannot read {weights}: {e.__class__.__name__}: {e}; the file is damaged, re-save the adapter")
     try:
-        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+        _inject(config, model, adapter_name)
     except ValueError as e:
         raise UserError(f"adapter {adapter_dir} does not fit the model: {e}")
     state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}

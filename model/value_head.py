@@ -9,6 +9,7 @@ transformers sequence-classification model folder.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -19,30 +20,41 @@ from dataset.data import encode_prompt, encode_response, pad_batch
 from model.config import LMConfig
 from model.strict import key_mismatch
 from utils.errors import UserError
-from utils.logprobs import position_ids_from_mask
+from model.lora import adapter_parameters, is_adapter_dir, load_lora, use_adapter
+from utils.logprobs import policy_forward, position_ids_from_mask
 
 HEAD_FILE = "value_head.safetensors"
 
 
 class ValueHeadModel(torch.nn.Module):
-    """lm's transformer body, then Linear(hidden, 1): values (B, T) in fp32."""
+    """lm's transformer body, then Linear(hidden, 1): values (B, T) in fp32.
 
-    def __init__(self, lm, seed: int = 0):
+    adapter: the LoRA adapter the body runs with (e.g. PPO's "critic" or a reward model's,
+    beside the policy's on the same base weights); None: whatever adapter is active.
+    zero_head: start the head at 0 (every value 0) instead of small random weights.
+    """
+
+    def __init__(self, lm, seed: int = 0, adapter: str | None = None, zero_head: bool = False):
         super().__init__()
-        self.lm = lm
+        self.lm, self.adapter = lm, adapter
         hidden = lm.config.hidden_size
         self.head = torch.nn.Linear(hidden, 1)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            self.head.weight.copy_(torch.randn(1, hidden, generator=g) / (hidden + 1) ** 0.5)
+            self.head.weight.copy_(torch.zeros(1, hidden) if zero_head
+                                   else torch.randn(1, hidden, generator=g) / (hidden + 1) ** 0.5)
             self.head.bias.zero_()
         self.head.to(next(lm.parameters()).device)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.values(input_ids, attention_mask, position_ids)
+
+    def values(self, input_ids, attention_mask=None, position_ids=None):
         if position_ids is None and attention_mask is not None:  # left padding scores as sampled
             position_ids = position_ids_from_mask(attention_mask)
-        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids).last_hidden_state       # (B, T, H)
+        with use_adapter(self.lm, self.adapter) if self.adapter else contextlib.nullcontext():
+            hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids).last_hidden_state   # (B, T, H)
         return self.head(hidden).squeeze(-1).float()                              # (B, T)
 
     def head_state(self) -> dict[str, torch.Tensor]:
@@ -65,6 +77,25 @@ class ValueHeadModel(torch.nn.Module):
         self.head.load_state_dict({k: v.to(self.head.weight.device) for k, v in state.items()})
 
 
+class ActorCritic(ValueHeadModel):
+    """PPO's policy and critic on one copy of the base weights.
+
+    The LM runs with its "default" LoRA adapter as the policy and with the ``critic`` adapter
+    plus the value head as the critic; with every adapter off it is the reference. One forward
+    returns both, so one DDP wrapper synchronises the gradients of both.
+    """
+
+    def __init__(self, lm, critic_adapter: str = "critic", seed: int = 0, zero_head: bool = True):
+        super().__init__(lm, seed=seed, adapter=critic_adapter, zero_head=zero_head)
+
+    def forward(self, input_ids, attention_mask, first_needed: int = 1, temperature: float = 1.0,
+                with_entropy: bool = False):
+        """(logps (B, T-1) of the policy, values (B, T-1) of the states before each token, entropy
+        (B, T-1) or None): entry t scores input_ids[:, t+1] (utils.logprobs.token_logprobs's layout)."""
+        logps, entropy = policy_forward(self.lm, input_ids, attention_mask, temperature, first_needed, with_entropy)
+        return logps, self.values(input_ids, attention_mask)[:, :-1], entropy
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) index of the last real token of each row, whatever the padding side."""
     T = attention_mask.shape[1]
@@ -75,12 +106,51 @@ def is_value_head_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, HEAD_FILE))
 
 
+def shares_base(path: str, lm, lm_config, save_dir: str = "out") -> bool:
+    """True when ``path`` is a train_reward.py LoRA folder trained on the very weights ``lm`` was
+    loaded from (so it can run as one more adapter of ``lm``; see RewardModel.on_shared_base)."""
+    from model.loading import adapter_base, same_weights
+    if not (os.path.isdir(path) and is_value_head_dir(path) and is_adapter_dir(path)):
+        return False
+    source = getattr(lm, "weight_source", None)
+    try:
+        return source is not None and same_weights(adapter_base(path, lm_config, save_dir), source)
+    except UserError:  # another size or an unresolvable base: it loads as a model of its own
+        return False
+
+
+def reward_model_for_training(lm, seed: int = 0) -> ValueHeadModel:
+    """train_reward.py's model: the LM body plus a head. The LM head feeds no loss, so an untied
+    one is frozen (DDP would otherwise wait for its gradient)."""
+    model = ValueHeadModel(lm, seed=seed)
+    embedding = lm.get_input_embeddings().weight
+    for p in lm.lm_head.parameters():
+        if p is not embedding:
+            p.requires_grad_(False)
+    return model
+
+
 class RewardModel:
     """Scores chat-rendered (prompt, response) pairs with a reward model; frozen, no grad."""
 
-    def __init__(self, model, tokenizer, kind: str, device, batch_size: int = 32, max_len: int = 1024):
-        self.model, self.tokenizer, self.kind = model.eval().requires_grad_(False), tokenizer, kind
+    def __init__(self, model, tokenizer, kind: str, device, batch_size: int = 32, max_len: int = 1024,
+                 shared: bool = False):
+        """shared: the model's body is also the policy's (see on_shared_base); it is put in eval
+        mode only while scoring and its other weights keep their requires_grad."""
+        self.model = model if shared else model.eval().requires_grad_(False)
+        self.tokenizer, self.kind, self.shared = tokenizer, kind, shared
         self.device, self.batch_size, self.max_len = device, batch_size, max_len
+
+    @classmethod
+    def on_shared_base(cls, lm, tokenizer, path: str, adapter: str = "reward", **kw) -> "RewardModel":
+        """The train_reward.py adapter folder ``path`` as one more, frozen adapter of ``lm``, the
+        base weights it was trained on (see shares_base): no second copy of the base in memory."""
+        load_lora(lm, path, adapter_name=adapter)
+        model = ValueHeadModel(lm, adapter=adapter)
+        model.load_head(path)
+        for p in adapter_parameters(lm, adapter) + list(model.head.parameters()):
+            p.requires_grad_(False)
+        return cls(model, tokenizer, "value_head", next(lm.parameters()).device, shared=True, **kw)
 
     @classmethod
     def load(cls, path: str, device="cpu", save_dir: str = "out", **kw) -> "RewardModel":
@@ -130,6 +200,11 @@ class RewardModel:
         input_ids = pad_batch(seqs, self.tokenizer.pad_token_id).to(self.device)        # right-padded
         attention_mask = pad_batch([[1] * len(s) for s in seqs], 0).to(self.device)
         if self.kind == "value_head":
-            values = self.model(input_ids=input_ids, attention_mask=attention_mask)     # (B, T)
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                values = self.model(input_ids=input_ids, attention_mask=attention_mask)  # (B, T)
+            finally:
+                self.model.train(was_training)
             return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1).float().cpu()
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu()

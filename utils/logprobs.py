@@ -79,3 +79,38 @@ def model_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
     first = int(starts.min()) if starts.numel() else 1
     per_token = model_token_logprobs(model, input_ids, attention_mask, temperature, first_needed=first)
     return masked_reduce(per_token, response_mask[:, 1:], reduce)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(B, T) entropy of the next-token distributions of logits (B, T, V), in nats."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def policy_forward(model, sequences: torch.Tensor, attention_mask: torch.Tensor, temperature: float,
+                   first_needed: int, with_entropy: bool = False):
+    """(logps (N, L), entropy (N, L) or None) of the sampled tokens under ``model``: the training
+    forward that matches the rollout engine's log-probs."""
+    if not with_entropy:
+        return model_token_logprobs(model, sequences, attention_mask, temperature, first_needed), None
+    captured = {}
+
+    def keep_logits(module, inputs, output):  # the entropy needs the logits the log-probs come from
+        captured["logits"] = output.logits
+    handle = _lm_module(model).register_forward_hook(keep_logits)
+    try:
+        logps = model_token_logprobs(model, sequences, attention_mask, temperature, first_needed)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        ent = token_entropy(captured["logits"][:, :-1] / temperature)        # (N, keep-1)
+        ent = torch.nn.functional.pad(ent, (logps.shape[1] - ent.shape[1], 0))
+    return logps, ent
+
+
+def _lm_module(model):
+    """The transformers model under DDP / torch.compile wrappers (its forward returns .logits)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model

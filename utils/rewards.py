@@ -163,12 +163,36 @@ def parse_reward_args(funcs: str | None, weights: str | None) -> tuple[list[str]
     return specs, values
 
 
-def rewards_from_args(args, device="cpu") -> RewardFunctions:
-    """The RewardFunctions that --reward_funcs, --reward_weights, --reward_clip and
-    --reward_model (see utils.args.add_reward_args) describe."""
+def check_answers(reward_funcs: str | None, prompts: list[dict], path: str) -> None:
+    """The accuracy reward needs an "answer" on every prompt: stop before training if one has none."""
+    specs, _ = parse_reward_args(reward_funcs, None)
+    if "accuracy" in specs and any("answer" not in p for p in prompts):
+        first = next(i for i, p in enumerate(prompts) if "answer" not in p)
+        raise UserError(f'{path}: the accuracy reward needs an "answer" field on every prompt '
+                        f"(prompt {first + 1} has none); use other --reward_funcs or add the answers")
+
+
+def check_reward_flags(args) -> None:
+    """Stop on bad reward flags before any model is built: unparsable weights, a function that
+    does not import, a --reward_model that is not a folder, or no reward at all."""
     specs, weights = parse_reward_args(args.reward_funcs, args.reward_weights)
-    reward_model = None
-    if args.reward_model:
+    for spec in specs:
+        load_reward_function(spec)
+    if weights is not None and len(weights) != len(specs):
+        raise UserError(f"--reward_weights has {len(weights)} value(s) for {len(specs)} --reward_funcs")
+    if args.reward_model and not os.path.isdir(args.reward_model):
+        raise UserError(f"--reward_model {args.reward_model}: no such folder; give a folder written by train_reward.py "
+                        f"or a transformers sequence-classification model")
+    if not specs and not args.reward_model:
+        raise UserError("no reward: give --reward_funcs and/or --reward_model")
+
+
+def rewards_from_args(args, device="cpu", reward_model=None) -> RewardFunctions:
+    """The RewardFunctions that --reward_funcs, --reward_weights, --reward_clip and
+    --reward_model (see utils.args.add_reward_args) describe. reward_model: the --reward_model
+    already loaded (PPO runs one on the policy's own base weights); otherwise it is loaded here."""
+    specs, weights = parse_reward_args(args.reward_funcs, args.reward_weights)
+    if args.reward_model and reward_model is None:
         from model.value_head import RewardModel
         reward_model = RewardModel.load(args.reward_model, device=device, save_dir=getattr(args, "save_dir", "out"))
     return RewardFunctions(specs, weights, clip=args.reward_clip or None, reward_model=reward_model,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.logprobs import masked_reduce, model_token_logprobs
+from utils.logprobs import masked_reduce, model_token_logprobs, policy_forward
 
 ADV_EPS = 1e-4
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean")   # the user's choice in train_gpo.py
@@ -84,7 +84,8 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
                         G: int = 1):
     """PPO-clip loss with one advantage per sample, plus beta * k3 KL to the reference.
 
-    logps, old_logps, ref_logps, response_mask: (N, L); advantages: (N,).
+    logps, old_logps, ref_logps, response_mask: (N, L); advantages: (N,), one per sample, or
+    (N, L), one per token (PPO's GAE).
     Per token, ratio = exp(logp - old_logp) and
         loss_t = max(-A ratio, -A clip(ratio, 1 - epsilon, 1 + epsilon_high)) + beta k3_t
     so the update stops where the ratio has left [1 - epsilon, 1 + epsilon_high] in the
@@ -94,7 +95,8 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     mask = response_mask.to(logps.dtype)
     ratio = torch.exp(logps - old_logps.detach())
-    adv = advantages.detach()[:, None].to(logps.dtype)
+    adv = advantages.detach().to(logps.dtype)
+    adv = adv[:, None] if adv.dim() == 1 else adv
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     per_token = torch.maximum(unclipped, clipped)
@@ -110,41 +112,6 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     return loss, metrics
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """(B, T) entropy of the next-token distributions of logits (B, T, V), in nats."""
-    logits = logits.float()
-    logp = torch.log_softmax(logits, -1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def policy_forward(model, sequences: torch.Tensor, attention_mask: torch.Tensor, temperature: float,
-                   first_needed: int, with_entropy: bool = False):
-    """(logps (N, L), entropy (N, L) or None) of the sampled tokens under ``model``: the training
-    forward that matches the rollout engine's log-probs."""
-    if not with_entropy:
-        return model_token_logprobs(model, sequences, attention_mask, temperature, first_needed), None
-    captured = {}
-
-    def keep_logits(module, inputs, output):  # the entropy needs the logits the log-probs come from
-        captured["logits"] = output.logits
-    handle = _lm_module(model).register_forward_hook(keep_logits)
-    try:
-        logps = model_token_logprobs(model, sequences, attention_mask, temperature, first_needed)
-    finally:
-        handle.remove()
-    with torch.no_grad():
-        ent = token_entropy(captured["logits"][:, :-1] / temperature)        # (N, keep-1)
-        ent = torch.nn.functional.pad(ent, (logps.shape[1] - ent.shape[1], 0))
-    return logps, ent
-
-
-def _lm_module(model):
-    """The transformers model under DDP / torch.compile wrappers (its forward returns .logits)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
 # ----------------------------------------------------------------------------- one training step
 def add_group_args(parser, *, beta: float, ppo_epochs: int = 1) -> None:
     """The policy-update flags GPO and GRPO share."""
@@ -158,8 +125,14 @@ def add_group_args(parser, *, beta: float, ppo_epochs: int = 1) -> None:
                    help="passes over each rollout batch; old log-probs are the sampling-time ones (default: %(default)s)")
     g.add_argument("--mini_batch_size", type=int, default=0,
                    help="samples per optimizer update within a rollout batch; 0: all of them (default: 0)")
-    g.add_argument("--debug_mode", action="store_true", help="print prompts, samples and rewards every --debug_interval steps")
-    g.add_argument("--debug_interval", type=int, default=20, help="steps between --debug_mode prints (default: %(default)s)")
+    add_debug_args(g)
+
+
+def add_debug_args(group) -> None:
+    group.add_argument("--debug_mode", action="store_true",
+                       help="print prompts, samples and rewards every --debug_interval steps")
+    group.add_argument("--debug_interval", type=int, default=20,
+                       help="steps between --debug_mode prints (default: %(default)s)")
 
 
 def group_arg_problems(args) -> list[str]:
@@ -172,6 +145,12 @@ def group_arg_problems(args) -> list[str]:
         problems.append(f"--beta must be 0 or positive (got {args.beta})")
     if args.ppo_epochs < 1:
         problems.append(f"--ppo_epochs must be at least 1 (got {args.ppo_epochs})")
+    return problems
+
+
+def update_arg_problems(args) -> list[str]:
+    """What is wrong with --mini_batch_size, --accumulation_steps and --debug_interval."""
+    problems = []
     n = args.batch_size * args.num_generations
     if args.mini_batch_size < 0 or args.mini_batch_size > n or (args.mini_batch_size and n % args.mini_batch_size):
         problems.append(f"--mini_batch_size must divide the {n} samples of a step (--batch_size x --num_generations), "
@@ -184,29 +163,36 @@ def group_arg_problems(args) -> list[str]:
     return problems
 
 
-def check_group_args(args) -> None:
-    """Every problem with the shared, sampling and policy-update flags, raised once (before any model)."""
+def check_rl_args(args, algorithm_problems=group_arg_problems) -> None:
+    """Every problem with the shared, sampling, update and the algorithm's own flags
+    (``algorithm_problems(args) -> [messages]``), raised once, before any model is built."""
     from utils.args import rollout_arg_problems
     from utils.errors import UserError
     from utils.train import validate_common_args
     validate_common_args(args)
-    problems = rollout_arg_problems(args) + group_arg_problems(args)
+    problems = rollout_arg_problems(args) + algorithm_problems(args) + update_arg_problems(args)
     if args.max_seq_len - args.max_gen_len < 1:
         problems.append(f"--max_seq_len {args.max_seq_len} leaves no room for a prompt beside --max_gen_len {args.max_gen_len}")
     if problems:
         raise UserError("; ".join(problems))
 
 
-def start_group_run(args, algorithm: str, prompts: list[dict]):
-    """(run, order, prompt_ids, engine, optimizer) of a GPO / GRPO run: the policy with LoRA and
-    its reference, the prompts tokenized once, their seeded order, the sampler and AdamW."""
+def start_rl_run(args, algorithm: str, prompts: list[dict], wrap=None):
+    """(run, order, prompt_ids, engine) of an RL run: the policy with LoRA and its reference
+    (``wrap``: see utils.train.Run), the prompts tokenized once, their seeded order, the sampler."""
     from utils.rollout import HFRolloutEngine
     from utils.train import DataOrder, Run
-    run = Run(args, algorithm, reference="shared" if args.use_lora else "copy")
+    run = Run(args, algorithm, reference="shared" if args.use_lora else "copy", wrap=wrap)
     prompt_ids = encode_prompts(run.tokenizer, prompts, args.max_seq_len - args.max_gen_len)
     order = DataOrder(len(prompts), args.batch_size, args.epochs, 1, args.seed, run.dist, what="prompts")
-    engine = HFRolloutEngine(run.base_model, run.tokenizer, args.max_gen_len, args.temperature, args.top_p, args.top_k,
-                             autocast=run.autocast)
+    engine = HFRolloutEngine(getattr(run.base_model, "lm", run.base_model), run.tokenizer, args.max_gen_len,
+                             args.temperature, args.top_p, args.top_k, autocast=run.autocast)
+    return run, order, prompt_ids, engine
+
+
+def start_group_run(args, algorithm: str, prompts: list[dict]):
+    """start_rl_run for GPO / GRPO, plus AdamW over the policy's adapters."""
+    run, order, prompt_ids, engine = start_rl_run(args, algorithm, prompts)
     optimizer = torch.optim.AdamW(run.trainable_parameters(), lr=args.learning_rate, weight_decay=0.0)
     return run, order, prompt_ids, engine, optimizer
 
@@ -229,28 +215,18 @@ def make_group_step(run, order, prompts: list[dict], prompt_ids: list[list[int]]
     score them (``score(rows, rollout) -> (rewards (N,), {name: (N,)})``), turn rewards into group
     advantages (over every rank's samples), then --ppo_epochs passes of clipped updates over
     mini-batches, each one optimizer step."""
-    from utils.rewards import repeated_ngram_share
-    from utils.runtime import print0
     from utils.train import clip_and_step
     args, G = run.args, run.args.num_generations
 
     def one_step(state, lr):
-        batch = order.batch(state.micro)
-        rows, ids = [prompts[i] for i in batch], [prompt_ids[i] for i in batch]
-        state.micro += 1
-        rollout = engine.generate(ids, G)
-        rewards, parts = score(rows, rollout)                                   # (N,) on CPU
+        rows, rollout, rewards, parts = sample_and_score(state, order, prompts, prompt_ids, engine, score, G)
         N = rewards.numel()
         everyone = _gather(run, rewards)                                        # (world*N,)
         advantages = group_advantages(everyone, G, baseline, scale, level)
         advantages = advantages[run.dist.rank * N:(run.dist.rank + 1) * N].to(run.device)
         seqs, am, first = rollout.sequences, rollout.attention_mask, rollout.prompt_len
         resp_mask = rollout.response_mask[:, 1:]                                # (N, L)
-        ref_logps = None
-        if args.beta > 0:
-            with run.reference_model() as ref, run.autocast():
-                ref_logps = torch.cat([model_token_logprobs(ref, seqs[i:i + 64], am[i:i + 64], args.temperature, first)
-                                       for i in range(0, N, 64)])
+        ref_logps = reference_logprobs(run, seqs, am, args.temperature, first) if args.beta > 0 else None
         mb = args.mini_batch_size or N
         micro = mb // args.accumulation_steps
         sums = {}
@@ -275,21 +251,50 @@ def make_group_step(run, order, prompts: list[dict], prompt_ids: list[list[int]]
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + clip_and_step(run, optimizer, args.grad_clip) \
                     / (args.ppo_epochs * (N // mb))
         grouped = rewards.view(-1, G)
-        lengths = rollout.response_lengths.float()
         metrics = {**sums, "reward": float(rewards.mean()), "reward_std": float(grouped.std(1).mean()),
                    "frac_reward_zero_std": float((grouped.std(1) < 1e-8).float().mean()),
-                   "completions/mean_length": float(lengths.mean()),
-                   "completions/clipped_ratio": float((~rollout.ended).float().mean()),
-                   "completions/repetition": sum(repeated_ngram_share(t) for t in rollout.texts) / N}
-        for name, values in parts.items():
-            metrics[f"rewards/{name}"] = float(values.mean())
+                   **completion_metrics(rollout, parts)}
         if args.debug_mode and (state.step + 1) % args.debug_interval == 0:
-            print0(f"--- step {state.step + 1}: {rows[0]['prompt'][-1]['content']!r}")
-            for t, r, a in zip(rollout.texts[:G], rewards[:G].tolist(), advantages[:G].tolist()):
-                print0(f"    reward {r:+.3f} advantage {a:+.3f}  {t!r}")
+            print_samples(state.step + 1, rows[0], rollout.texts[:G], rewards[:G], advantages[:G])
         return metrics, int(am.sum())
 
     return one_step
+
+
+def sample_and_score(state, order, prompts: list[dict], prompt_ids: list[list[int]], engine, score, G: int):
+    """(rows, rollout, rewards (N,), {name: (N,)}) for this step's prompt batch, which it consumes."""
+    batch = order.batch(state.micro)
+    rows, ids = [prompts[i] for i in batch], [prompt_ids[i] for i in batch]
+    state.micro += 1
+    rollout = engine.generate(ids, G)
+    rewards, parts = score(rows, rollout)                                       # (N,) on CPU
+    return rows, rollout, rewards, parts
+
+
+def completion_metrics(rollout, parts: dict) -> dict[str, float]:
+    """What the samples look like: length, share cut by --max_gen_len, repetition, each reward's mean."""
+    from utils.rewards import repeated_ngram_share
+    metrics = {"completions/mean_length": float(rollout.response_lengths.float().mean()),
+               "completions/clipped_ratio": float((~rollout.ended).float().mean()),
+               "completions/repetition": sum(repeated_ngram_share(t) for t in rollout.texts) / len(rollout.texts)}
+    metrics.update({f"rewards/{name}": float(values.mean()) for name, values in parts.items()})
+    return metrics
+
+
+def print_samples(step: int, row: dict, texts: list[str], rewards: torch.Tensor, advantages: torch.Tensor) -> None:
+    """--debug_mode: one prompt, its samples, their rewards and advantages."""
+    from utils.runtime import print0
+    print0(f"--- step {step}: {row['prompt'][-1]['content']!r}")
+    for t, r, a in zip(texts, rewards.tolist(), advantages.tolist()):
+        print0(f"    reward {r:+.3f} advantage {a:+.3f}  {t!r}")
+
+
+def reference_logprobs(run, sequences: torch.Tensor, attention_mask: torch.Tensor, temperature: float,
+                       first_needed: int, chunk: int = 64) -> torch.Tensor:
+    """(N, L) log-probs of the sampled tokens under the frozen reference, ``chunk`` rows at a time."""
+    with run.reference_model() as ref, run.autocast():
+        return torch.cat([model_token_logprobs(ref, sequences[i:i + chunk], attention_mask[i:i + chunk], temperature,
+                                               first_needed) for i in range(0, sequences.shape[0], chunk)])
 
 
 def _gather(run, values: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,17 @@ def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
     return info, dev
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """The process's peak memory so far, in GiB: CUDA memory allocated by tensors on a GPU, the
+    resident set size (everything: libraries, weights, activations) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+    import sys
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 30 if sys.platform == "darwin" else rss / 2 ** 20    # bytes on macOS, KiB on Linux
+
+
 def print0(*args, **kwargs) -> None:
     """print on rank 0 only."""
     if int(os.environ.get("RANK", "0")) == 0:

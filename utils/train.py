@@ -28,13 +28,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import LMConfig, apply_lora, init_model, save_lora, weight_name
 from model.export import export
 from model.lora import adapters_disabled, trainable_parameters
-from model.value_head import HEAD_FILE, ValueHeadModel
+from model.value_head import HEAD_FILE, ActorCritic, ValueHeadModel
 from utils.args import find_data_file
 from utils.checkpoint import (capture_rng, check_resume_args, load_resume, load_trainable_state, restore_rng,
                               resume_path, save_resume, trainable_state)
 from utils.errors import UserError
 from utils.logging import RunLogger
-from utils.runtime import DistInfo, autocast_context, grad_scaler, init_distributed, print0, seed_everything
+from utils.runtime import (DistInfo, autocast_context, grad_scaler, init_distributed, peak_memory_gb, print0,
+                           seed_everything)
 from utils.schedule import cosine_lr
 
 
@@ -128,11 +129,12 @@ class StopSignal:
 class Run:
     """The model and everything around it for one training process."""
 
-    def __init__(self, args, algorithm: str, reference: str | None = None, value_head: bool = False):
+    def __init__(self, args, algorithm: str, reference: str | None = None, wrap=None):
         """reference: None (no reference model), "shared" (the policy's weights with the LoRA
         adapters off: one copy in memory) or "copy" (a separate frozen copy of the start weights).
-        value_head: the model is the LM's body plus a scalar head (a reward model), see
-        model/value_head.py; the head trains and is saved with the weights."""
+        wrap(lm, run): builds the trained module from the LM once its adapters are in, e.g. a reward
+        model (model.value_head.reward_model_for_training) or PPO's ActorCritic; heads train
+        and are saved with the weights."""
         validate_common_args(args)
         if reference == "shared" and not args.use_lora:
             raise UserError("--ref_model shared needs LoRA adapters to switch off; with --use_lora 0 use --ref_model copy")
@@ -148,14 +150,8 @@ class Run:
             apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets)
         else:
             model.requires_grad_(True)
-        self.value_head = value_head
-        if value_head:
-            model = ValueHeadModel(model, seed=args.seed)
-            # The LM head feeds no loss here; an untied one would leave DDP waiting for its gradient.
-            embedding = model.lm.get_input_embeddings().weight
-            for p in model.lm.lm_head.parameters():
-                if p is not embedding:
-                    p.requires_grad_(False)
+        if wrap is not None:
+            model = wrap(model, self)
         model.train()
         self.base_model = model
         # Every forward that feeds a loss goes through self.model, so DDP syncs the gradients.
@@ -166,6 +162,8 @@ class Run:
         self.scaler = grad_scaler(self.device, args.dtype)
         self.stem = weight_name(args.save_weight, self.lm_config.hidden_size, self.lm_config.use_moe)
         self.weights_dir = os.path.join(args.save_dir, self.stem)
+        critic = args.save_weight.replace("actor", "critic") if "actor" in args.save_weight else args.save_weight + "_critic"
+        self.critic_dir = os.path.join(args.save_dir, weight_name(critic, self.lm_config.hidden_size, self.lm_config.use_moe))
         self.metrics_path = os.path.join(args.save_dir, self.stem + "_metrics.jsonl")
         self.resume_file = resume_path(args.checkpoint_dir, args.save_weight, self.lm_config.hidden_size,
                                        self.lm_config.use_moe)
@@ -214,7 +212,7 @@ class Run:
         self.base_model.eval()
         try:
             with torch.no_grad(), adapters_disabled(self.base_model):
-                yield self.base_model
+                yield getattr(self.base_model, "lm", self.base_model)   # the LM under a value head
         finally:
             self.base_model.train(was_training)
 
@@ -226,12 +224,21 @@ class Run:
         torch.distributed.all_reduce(t)
         return (t / self.dist.world_size).tolist()
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a tensor (every rank must call it at the same point)."""
+        if not self.dist.enabled:
+            return t
+        t = t.detach().clone()
+        torch.distributed.all_reduce(t)
+        return t
+
     # -------------------------------------------------------------- resume
     def resume_args(self) -> dict:
         return {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, type(None)))}
 
     def resume_or_start(self, optimizer, order: DataOrder) -> TrainState:
-        """The state to start from: the resume file's with --from_resume 1 (if there is one), else fresh."""
+        """The state to start from: the resume file's with --from_resume 1 (if there is one), else
+        fresh. optimizer: one optimizer, or {name: optimizer} (PPO's policy and critic)."""
         if not self.args.from_resume:
             return TrainState()
         if not os.path.isfile(self.resume_file):
@@ -243,7 +250,12 @@ class Run:
                             f"use another --save_weight or --checkpoint_dir")
         check_resume_args(ckpt["args"], self.resume_args(), self.resume_file)
         load_trainable_state(self.base_model, ckpt["model"], self.resume_file)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizers, saved = named_optimizers(optimizer), ckpt["optimizers"]
+        if set(saved) != set(optimizers):
+            raise UserError(f"{self.resume_file} holds the state of optimizer(s) {sorted(saved)}, this run has "
+                            f"{sorted(optimizers)}; use another --checkpoint_dir or start without --from_resume")
+        for name, opt in optimizers.items():
+            opt.load_state_dict(saved[name])
         self.scaler.load_state_dict(ckpt["scaler"])
         step, micro = ckpt["step"], ckpt["micro"]
         if ckpt["world_size"] != self.dist.world_size:
@@ -271,7 +283,8 @@ class Run:
         self.save_weights(extra_meta)
         save_resume(self.resume_file, {
             "algorithm": self.algorithm, "model": trainable_state(self.base_model),
-            "optimizer": optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
+            "optimizers": {name: opt.state_dict() for name, opt in named_optimizers(optimizer).items()},
+            "scaler": self.scaler.state_dict(), "rng": rngs,
             "step": state.step, "micro": state.micro, "world_size": self.dist.world_size,
             "wandb_id": state.wandb_id, "args": self.resume_args(), "extra": state.extra,
         })
@@ -296,7 +309,14 @@ class Run:
         os.makedirs(self.args.save_dir, exist_ok=True)
         meta = {"algorithm": self.algorithm, **(extra_meta or {})}
         lm, extra_tensors = self.base_model, None
-        if self.value_head:
+        if isinstance(self.base_model, ActorCritic):  # the policy's adapter, then the critic's with its head
+            lm = self.base_model.lm
+            save_lora(lm, self.weights_dir, base=self.args.from_weight, lm_config=self.lm_config, extra=meta)
+            save_lora(lm, self.critic_dir, base=self.args.from_weight, lm_config=self.lm_config,
+                      adapter_name=self.base_model.adapter, extra={**meta, "kind": "critic"},
+                      extra_tensors={HEAD_FILE: self.base_model.head_state()})
+            return
+        if isinstance(self.base_model, ValueHeadModel):
             lm, extra_tensors = self.base_model.lm, {HEAD_FILE: self.base_model.head_state()}
         if self.args.use_lora:
             save_lora(lm, self.weights_dir, base=self.args.from_weight, lm_config=self.lm_config,
@@ -317,18 +337,34 @@ class Run:
             torch.distributed.destroy_process_group()
 
 
+def named_optimizers(optimizer) -> dict:
+    """{name: optimizer}: a dict as given, or one optimizer under the name ""."""
+    return dict(optimizer) if isinstance(optimizer, dict) else {"": optimizer}
+
+
 def clip_and_step(run: Run, optimizer, grad_clip: float) -> float:
     """Unscale, clip, step, zero: one optimizer step. Returns the gradient norm before clipping."""
-    run.scaler.unscale_(optimizer)
-    params = run.trainable_parameters()
-    if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-    run.scaler.step(optimizer)
+    return step_optimizers(run, [optimizer], grad_clip)[0]
+
+
+def step_optimizers(run: Run, optimizers: list, grad_clip: float) -> list[float]:
+    """clip_and_step for optimizers over disjoint parameters (PPO's policy and critic), each
+    clipped to its own norm, with one grad-scaler update. Returns each gradient norm."""
+    norms = []
+    for opt in optimizers:
+        run.scaler.unscale_(opt)
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.zeros(())
+        norms.append(float(norm))
+    for opt in optimizers:
+        run.scaler.step(opt)
     run.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return norms
 
 
 def train(run: Run, order: DataOrder, micro_step, *, desc: str, optimizer=None, extra_meta: dict | None = None) -> str:
@@ -385,9 +421,12 @@ def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, ext
             if run.any_rank(stop.received is not None):  # every rank stops at the same step
                 stopped = True
                 break
-            lr = cosine_lr(state.step, total_steps, args.learning_rate)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lrs = {}
+            for name, opt in named_optimizers(optimizer).items():
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(state.step, total_steps, group.get("peak_lr", args.learning_rate))
+                lrs[f"{name}_lr" if lrs else "lr"] = opt.param_groups[0]["lr"]
+            lr = lrs["lr"]
             metrics, n_tokens = one_step(state, lr)
             state.step += 1
             for k, v in metrics.items():
@@ -397,8 +436,9 @@ def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, ext
                 names = list(sums)
                 values = run.all_mean([sums[k] / n_steps for k in names] + [float(tokens)])
                 now = time.time()
-                logger.step(state.step, {**dict(zip(names, values[:-1])), "lr": lr,
+                logger.step(state.step, {**dict(zip(names, values[:-1])), **lrs,
                                          "epoch": order.epoch_of(state.micro - 1),
+                                         "peak_mem_gb": peak_memory_gb(run.device),
                                          "tokens_per_sec": values[-1] * run.dist.world_size / max(now - t_last, 1e-9)},
                             force=True)
                 sums, n_steps, tokens, t_last = {}, 0, 0, now

@@ -1,0 +1,65 @@
+"""PPO: a policy, a critic, a reward and a KL penalty to the frozen reference, on one copy of the base weights.
+
+    python train_ppo.py                                        # the demo's RL prompts, accuracy reward, shipped SFT start
+    python train_ppo.py --reward_model out/reward_192 --reward_funcs ''   # a reward model trained by train_reward.py
+    torchrun --nproc_per_node 8 train_ppo.py ...                # DDP, the same flags
+
+Each step samples --num_generations responses for each of --batch_size prompts per process and
+scores them (reward functions and/or a reward model) at the last response token; every
+response token also gets -kl_coef * KL to the reference. The critic's values give GAE
+advantages (gamma, lambda), whitened over the batch's response tokens; then --ppo_update_iters
+passes over mini-batches of the clipped policy loss plus vf_coef times the clipped value loss,
+until approx_kl passes --early_stop_kl.
+
+The base weights are loaded once. The policy is its "default" LoRA adapter, the critic a second
+adapter ("critic") with a value head, the reference the base with every adapter off; a reward
+model that train_reward.py trained on the same base runs as a third, frozen adapter, and the
+critic starts as it. A reward model on another base (or a transformers sequence-classification
+model) is loaded as a separate model. Saves the policy adapter to {save_dir}/ppo_actor_{hidden}/
+and the critic (adapter + value_head.safetensors) to {save_dir}/ppo_critic_{hidden}/.
+"""
+from __future__ import annotations
+
+import argparse
+
+from dataset.data import load_prompts
+from utils.args import add_common_args, add_reward_args, add_rollout_args
+from utils.errors import run_cli
+from utils.ppo import actor_critic_builder, add_ppo_args, make_ppo_step, ppo_arg_problems, ppo_optimizers
+from utils.rewards import check_answers, check_reward_flags, rewards_from_args
+from utils.rl import check_rl_args, prompt_fields, start_rl_run
+from utils.train import run_steps
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="PPO: policy and critic as LoRA adapters on one base, GAE, "
+                                                 "KL penalty to the frozen reference.")
+    add_common_args(parser, save_weight="ppo_actor", data_path="dataset/rl.jsonl", epochs=1, batch_size=16,
+                    learning_rate=2e-3, max_seq_len=256, from_weight="full_sft", log_interval=10,
+                    save_interval=50, use_lora=1)
+    add_rollout_args(parser, num_generations=4, max_gen_len=48)
+    add_reward_args(parser, reward_funcs="accuracy")
+    add_ppo_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(args):
+    check_rl_args(args, ppo_arg_problems)           # bad flags and bad data stop the run before any model is built
+    check_reward_flags(args)
+    prompts = load_prompts(args.data_path)
+    check_answers(args.reward_funcs, prompts, args.data_path)
+    shared_reward = {}
+    run, order, prompt_ids, engine = start_rl_run(args, "ppo", prompts, wrap=actor_critic_builder(args, shared_reward))
+    rewards = rewards_from_args(args, device=run.device, reward_model=shared_reward.get("model"))
+    optimizers = ppo_optimizers(run)
+    G = args.num_generations
+
+    def score(rows, rollout):
+        return rewards([r["prompt"] for r in rows for _ in range(G)], rollout.texts, prompt_fields(rows, G))
+
+    step = make_ppo_step(run, order, prompts, prompt_ids, engine, optimizers, score)
+    return run_steps(run, order, optimizers, step, desc="ppo", extra_meta={"reward_funcs": args.reward_funcs})
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
