@@ -83,7 +83,7 @@ def test_tiny_run_logs_every_metric_and_saves_actor_and_critic(tmp_path, prompts
         assert key in logged[0], key
     first = logged[0]
     assert first["kl"] == 0.0                                       # the first rollout's policy is the reference
-    assert first["critic_lr"] == pytest.approx(3e-3) and first["lr"] == pytest.approx(2e-3)
+    assert first["critic_lr"] == pytest.approx(3e-3) and first["lr"] == pytest.approx(3e-3)
     for r in logged:    # 6 new tokens rarely end: every unended response lost 1 point
         assert r["reward"] == pytest.approx(r["rewards/accuracy"] - r["completions/clipped_ratio"], abs=1e-6)
     assert "advantage" in capsys.readouterr().out
