@@ -21,8 +21,7 @@ import torch
 
 from dataset.answers import is_correct
 from dataset.data import collate_pairs, encode_pairs, encode_prompt, load_pairs, load_prompts, pad_batch
-from model import LMConfig, init_model
-from model.loading import add_lora_weight
+from model.loading import load_for_inference
 from model.value_head import RewardModel
 from utils.args import add_model_args, project_path
 from utils.errors import UserError, run_cli
@@ -117,12 +116,7 @@ def evaluate(model, tokenizer, args) -> dict:
 
 
 def main(args):
-    lm_config = LMConfig.from_args(args)
-    model, tokenizer = init_model(lm_config, args.from_weight, device=args.device, save_dir=args.save_dir,
-                                  tokenizer_path=args.tokenizer_path)
-    if args.lora_weight:
-        add_lora_weight(model, args.lora_weight, lm_config, args.save_dir)
-    model.eval()
+    model, tokenizer, _ = load_for_inference(args, device=args.device)
     result = evaluate(model, tokenizer, args)
     result["model"] = args.from_weight + (f" + {args.lora_weight}" if args.lora_weight else "")
     if args.reward_model:

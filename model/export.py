@@ -15,8 +15,7 @@ import argparse
 import json
 import os
 
-from model import LMConfig, init_model
-from model.loading import add_lora_weight
+from model.loading import load_for_inference
 from utils.args import add_model_args
 from utils.errors import UserError, run_cli
 from utils.files import atomic_dir, write_tensor_files
@@ -47,11 +46,7 @@ def export(model, tokenizer, out: str, meta: dict | None = None, extra_tensors: 
 def main(args):
     if os.path.exists(args.out) and not args.overwrite:
         raise UserError(f"--out {args.out} already exists; choose another folder or pass --overwrite")
-    lm_config = LMConfig.from_args(args)
-    model, tokenizer = init_model(lm_config, args.from_weight, device="cpu", save_dir=args.save_dir,
-                                  tokenizer_path=args.tokenizer_path)
-    if args.lora_weight:
-        add_lora_weight(model, args.lora_weight, lm_config, args.save_dir)
+    model, tokenizer, lm_config = load_for_inference(args)
     export(model, tokenizer, args.out)
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"hidden_size {lm_config.hidden_size}, {lm_config.num_hidden_layers} layers)")

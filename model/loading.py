@@ -325,3 +325,16 @@ def add_lora_weight(model, lora_weight: str, lm_config: LMConfig, save_dir: str 
                         f"(no adapter_config.json); give full weights as --from_weight instead")
     load_lora(model, src.path)
     return merge_lora(model)
+
+
+def load_for_inference(args, device="cpu"):
+    """(model in eval mode, tokenizer, LMConfig) from --from_weight, --tokenizer_path, the size
+    flags and --save_dir, with --lora_weight merged in when given: how eval_align, export and
+    chat load a model."""
+    lm_config = LMConfig.from_args(args)
+    model, tokenizer = init_model(lm_config, args.from_weight, device=device, save_dir=args.save_dir,
+                                  tokenizer_path=args.tokenizer_path)
+    if getattr(args, "lora_weight", None):
+        add_lora_weight(model, args.lora_weight, lm_config, args.save_dir)
+    return model.eval(), tokenizer, lm_config
+

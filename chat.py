@@ -1,0 +1,102 @@
+"""Chat with a model, its answers streamed token by token: a base plus an optional adapter.
+
+    python chat.py                                        # the shipped demo SFT model
+    python chat.py --lora_weight dpo                      # SFT + out/dpo_192 (any adapter name or folder)
+    python chat.py --from_weight out/dpo_merged           # a merged model folder (python -m model.export)
+    python chat.py --lora_weight ppo_actor --prompt "What is 3 + 4?" --prompt "计算 2 + 5。"   # answer and exit
+
+In the interactive loop, /reset forgets the conversation and /exit (or Ctrl-D) leaves.
+Greedy by default, like eval_align.py; --temperature > 0 samples.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from dataset.data import encode_prompt
+from model.loading import load_for_inference
+from utils.args import add_model_args
+from utils.errors import UserError, run_cli
+from utils.runtime import default_device
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Chat with a model (base + optional LoRA adapter), answers streamed.")
+    add_model_args(p, "full_sft", "model: a name, a path, or an adapter alone (merged into its base)")
+    p.add_argument("--lora_weight", default=None, help="adapter (name or folder) merged on top of --from_weight")
+    p.add_argument("--save_dir", default="out", help="where names are looked up first, then the shipped demo (default: %(default)s)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="answer this and exit (repeat for several turns of one conversation); default: interactive")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="longest answer in tokens (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling (default: %(default)s)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling when --temperature > 0 (default: %(default)s)")
+    p.add_argument("--history", type=int, choices=[0, 1], default=1,
+                   help="1: each turn sees the conversation so far; 0: every question alone (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--device", default=default_device(), help="cpu or cuda:N (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+class Chat:
+    """A conversation with one model: ``reply(text)`` streams the answer to ``out`` and returns it."""
+
+    def __init__(self, model, tokenizer, args, out=None):
+        self.model, self.tokenizer, self.args, self.out = model, tokenizer, args, out
+        self.messages: list[dict] = []
+
+    def reset(self) -> None:
+        self.messages = []
+
+    @torch.no_grad()
+    def reply(self, text: str) -> str:
+        from transformers import TextStreamer
+        turn = self.messages + [{"role": "user", "content": text}] if self.args.history else \
+            [{"role": "user", "content": text}]
+        ids = torch.tensor([encode_prompt(self.tokenizer, turn)], device=self.model.device)
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer.on_finalized_text = lambda chunk, stream_end=False: print(chunk, end="\n" if stream_end else "",
+                                                                         file=self.out or sys.stdout, flush=True)
+        sampling = dict(do_sample=True, temperature=self.args.temperature, top_p=self.args.top_p) \
+            if self.args.temperature > 0 else dict(do_sample=False)
+        output = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.args.max_new_tokens,
+                                     streamer=streamer, pad_token_id=self.tokenizer.pad_token_id,
+                                     eos_token_id=self.tokenizer.eos_token_id, **sampling)
+        answer = self.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        if self.args.history:
+            self.messages = turn + [{"role": "assistant", "content": answer}]
+        return answer
+
+
+def main(args):
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError("--max_new_tokens must be at least 1, --temperature 0 or positive, --top_p in (0, 1]")
+    torch.manual_seed(args.seed)
+    model, tokenizer, _ = load_for_inference(args, device=args.device)
+    chat = Chat(model, tokenizer, args)
+    name = args.from_weight + (f" + {args.lora_weight}" if args.lora_weight else "")
+    if args.prompt:
+        answers = []
+        for text in args.prompt:
+            print(f"> {text}", flush=True)
+            answers.append(chat.reply(text))
+        return answers
+    print(f"chatting with {name}; /reset forgets the conversation, /exit or Ctrl-D leaves", flush=True)
+    while True:
+        try:
+            text = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return None
+        if text in ("/exit", "/quit"):
+            return None
+        if text == "/reset":
+            chat.reset()
+            print("(conversation cleared)")
+        elif text:
+            chat.reply(text)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
