@@ -95,21 +95,22 @@ def _candidate_stems(name: str, lm_config: LMConfig, folder: str) -> list[str]:
     return found
 
 
-def resolve_weight(from_weight: str, lm_config: LMConfig, save_dir: str = "out") -> WeightSource:
-    """Find what ``from_weight`` names (see the module doc), or raise listing every path tried."""
+def resolve_weight(from_weight: str, lm_config: LMConfig, save_dir: str = "out", flag: str = "--from_weight") -> WeightSource:
+    """Find what ``from_weight`` names (see the module doc), or raise listing every path tried
+    (the message names the command-line ``flag`` it came from)."""
     if from_weight in (None, "", "none"):
         return WeightSource("none")
     direct = _classify(from_weight)
     if direct:
         return direct
     if os.path.exists(from_weight):
-        raise UserError(f"--from_weight {from_weight}: not a model folder (config.json), an adapter folder "
+        raise UserError(f"{flag} {from_weight}: not a model folder (config.json), an adapter folder "
                         f"(adapter_config.json) or a .safetensors/.pth weights file")
     tried = []
     for folder in dict.fromkeys([save_dir, SHIPPED_DIR]):
         stems = _candidate_stems(from_weight, lm_config, folder)
         if lm_config.hidden_size is None and len(stems) > 1:
-            raise UserError(f"--from_weight {from_weight}: several sizes in {folder} ({', '.join(stems)}); "
+            raise UserError(f"{flag} {from_weight}: several sizes in {folder} ({', '.join(stems)}); "
                             f"pass --hidden_size to choose")
         if not stems:
             tried.append(os.path.join(folder, f"{from_weight}_*"))
@@ -120,7 +121,7 @@ def resolve_weight(from_weight: str, lm_config: LMConfig, save_dir: str = "out")
                 src = _classify(path) or (_classify(path + ".old") if suffix == "" else None)
                 if src:
                     return src
-    raise UserError(f"--from_weight {from_weight} not found; tried {', '.join(tried)}; "
+    raise UserError(f"{flag} {from_weight} not found; tried {', '.join(tried)}; "
                     f"give a path, a name saved in --save_dir, or none")
 
 
@@ -319,7 +320,7 @@ def add_lora_weight(model, lora_weight: str, lm_config: LMConfig, save_dir: str 
     is not the model's)."""
     src = resolve_weight(lora_weight, LMConfig(hidden_size=lm_config.hidden_size,
                                                num_hidden_layers=lm_config.num_hidden_layers,
-                                               use_moe=lm_config.use_moe), save_dir)
+                                               use_moe=lm_config.use_moe), save_dir, flag="--lora_weight")
     if src.kind != "adapter":
         raise UserError(f"--lora_weight {lora_weight}: {src.path} is not a LoRA adapter folder "
                         f"(no adapter_config.json); give full weights as --from_weight instead")

@@ -103,4 +103,4 @@ def test_chat_keeps_the_conversation_and_resets(tiny_dir):
     assert proc.returncode == 0 and "(conversation cleared)" in proc.stdout
     bad = subprocess.run([sys.executable, "chat.py", "--lora_weight", "no_such_adapter", "--prompt", "x"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --lora_weight no_such_adapter not found")
