@@ -24,7 +24,8 @@ from dataset.data import load_prompts
 from utils.args import add_common_args, add_reward_args, add_rollout_args
 from utils.errors import run_cli
 from utils.rewards import check_answers, rewards_from_args
-from utils.rl import LOSS_AGGREGATIONS, add_group_args, check_rl_args, make_group_step, prompt_fields, start_group_run
+from utils.rl import (LOSS_AGGREGATIONS, add_group_args, check_rl_args, make_group_step, reward_samples,
+                      start_group_run)
 from utils.train import run_steps
 
 
@@ -57,8 +58,7 @@ def main(args):
     G = args.num_generations
 
     def score(rows, rollout):
-        msgs = [r["prompt"] for r in rows for _ in range(G)]
-        return rewards(msgs, rollout.texts, prompt_fields(rows, G))
+        return reward_samples(rewards, rows, rollout.texts, G)
 
     step = make_group_step(run, order, prompts, prompt_ids, engine, optimizer, score, loss_agg=args.loss_agg,
                            baseline=args.baseline, scale=args.scale_rewards, level=args.adv_level)

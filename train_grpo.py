@@ -27,7 +27,7 @@ from utils.args import add_common_args, add_reward_args, add_rollout_args
 from utils.errors import UserError, run_cli
 from utils.logprobs import masked_reduce
 from utils.rewards import rewards_from_args
-from utils.rl import add_group_args, check_rl_args, make_group_step, prompt_fields, start_group_run
+from utils.rl import add_group_args, check_rl_args, make_group_step, reward_samples, start_group_run
 from utils.train import run_steps
 
 
@@ -65,8 +65,7 @@ def main(args):
         parts = {"logp": self_reward}
         total = args.self_reward_weight * self_reward
         if external is not None:
-            extra, extra_parts = external([r["prompt"] for r in rows for _ in range(G)], rollout.texts,
-                                          prompt_fields(rows, G))
+            extra, extra_parts = reward_samples(external, rows, rollout.texts, G)
             total, parts = total + extra, {**parts, **extra_parts}
         return total, parts
 

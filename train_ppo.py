@@ -27,7 +27,7 @@ from utils.args import add_common_args, add_reward_args, add_rollout_args
 from utils.errors import run_cli
 from utils.ppo import actor_critic_builder, add_ppo_args, make_ppo_step, ppo_arg_problems, ppo_optimizers
 from utils.rewards import check_answers, check_reward_flags, rewards_from_args
-from utils.rl import check_rl_args, prompt_fields, start_rl_run
+from utils.rl import check_rl_args, reward_samples, start_rl_run
 from utils.train import run_steps
 
 
@@ -55,7 +55,7 @@ def main(args):
     G = args.num_generations
 
     def score(rows, rollout):
-        return rewards([r["prompt"] for r in rows for _ in range(G)], rollout.texts, prompt_fields(rows, G))
+        return reward_samples(rewards, rows, rollout.texts, G)
 
     step = make_ppo_step(run, order, prompts, prompt_ids, engine, optimizers, score)
     return run_steps(run, order, optimizers, step, desc="ppo", extra_meta={"reward_funcs": args.reward_funcs})

@@ -19,7 +19,7 @@ from utils.errors import UserError
 from utils.logprobs import model_token_logprobs
 from utils.ppo import actor_critic_builder, make_ppo_step, ppo_optimizers
 from utils.rewards import rewards_from_args
-from utils.rl import prompt_fields, start_rl_run
+from utils.rl import reward_samples, start_rl_run
 from utils.train import TrainState
 
 TINY = ["--num_generations", "2", "--max_gen_len", "6", "--batch_size", "4"]
@@ -119,7 +119,7 @@ def test_one_copy_of_the_base_weights_and_a_frozen_reference(tmp_path, prompts, 
     shared = {}
     run, order, prompt_ids, engine = start_rl_run(args, "ppo", data, wrap=actor_critic_builder(args, shared))
     assert "an adapter on the policy's own base weights" in capsys.readouterr().out
-    lm, rm = run.base_model.lm, shared["model"]
+    lm, rm = run.lm, shared["model"]
     assert rm.model.lm is lm and run.ref_model is None and engine.model is lm
 
     # One copy: the run's base tensors are the plain model's, each stored once; only adapters and heads add to it.
@@ -153,8 +153,7 @@ def test_one_copy_of_the_base_weights_and_a_frozen_reference(tmp_path, prompts, 
     optimizers = ppo_optimizers(run)
     G = args.num_generations
     step = make_ppo_step(run, order, data, prompt_ids, engine, optimizers,
-                         lambda rows_, r: rewards([x["prompt"] for x in rows_ for _ in range(G)], r.texts,
-                                                  prompt_fields(rows_, G)))
+                         lambda rows_, r: reward_samples(rewards, rows_, r.texts, G))
     state = TrainState()
     for _ in range(2):
         metrics, _ = step(state, args.learning_rate)

@@ -176,10 +176,8 @@ def check_reward_flags(args) -> None:
     """Stop on bad reward flags before any model is built: unparsable weights, a function that
     does not import, a --reward_model that is not a folder, or no reward at all."""
     specs, weights = parse_reward_args(args.reward_funcs, args.reward_weights)
-    for spec in specs:
-        load_reward_function(spec)
-    if weights is not None and len(weights) != len(specs):
-        raise UserError(f"--reward_weights has {len(weights)} value(s) for {len(specs)} --reward_funcs")
+    if specs or weights is not None:          # imports each function, matches the weights to them
+        RewardFunctions(specs, weights)
     if args.reward_model and not os.path.isdir(args.reward_model):
         raise UserError(f"--reward_model {args.reward_model}: no such folder; give a folder written by train_reward.py "
                         f"or a transformers sequence-classification model")

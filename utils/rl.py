@@ -185,7 +185,7 @@ def start_rl_run(args, algorithm: str, prompts: list[dict], wrap=None):
     run = Run(args, algorithm, reference="shared" if args.use_lora else "copy", wrap=wrap)
     prompt_ids = encode_prompts(run.tokenizer, prompts, args.max_seq_len - args.max_gen_len)
     order = DataOrder(len(prompts), args.batch_size, args.epochs, 1, args.seed, run.dist, what="prompts")
-    engine = HFRolloutEngine(getattr(run.base_model, "lm", run.base_model), run.tokenizer, args.max_gen_len,
+    engine = HFRolloutEngine(run.lm, run.tokenizer, args.max_gen_len,
                              args.temperature, args.top_p, args.top_k, autocast=run.autocast)
     return run, order, prompt_ids, engine
 
@@ -207,6 +207,12 @@ def prompt_fields(rows: list[dict], G: int) -> dict[str, list]:
     """The prompt file's other columns, one value per sample (each row's repeated G times)."""
     keys = sorted({k for r in rows for k in r if k != "prompt"})
     return {k: [r.get(k) for r in rows for _ in range(G)] for k in keys}
+
+
+def reward_samples(rewards, rows: list[dict], texts: list[str], G: int):
+    """``rewards`` (utils.rewards.RewardFunctions) of the G sampled texts of each prompt row:
+    (rewards (N,), {name: (N,)})."""
+    return rewards([r["prompt"] for r in rows for _ in range(G)], texts, prompt_fields(rows, G))
 
 
 def make_group_step(run, order, prompts: list[dict], prompt_ids: list[list[int]], engine, optimizer, score,

@@ -162,8 +162,6 @@ class Run:
         self.scaler = grad_scaler(self.device, args.dtype)
         self.stem = weight_name(args.save_weight, self.lm_config.hidden_size, self.lm_config.use_moe)
         self.weights_dir = os.path.join(args.save_dir, self.stem)
-        critic = args.save_weight.replace("actor", "critic") if "actor" in args.save_weight else args.save_weight + "_critic"
-        self.critic_dir = os.path.join(args.save_dir, weight_name(critic, self.lm_config.hidden_size, self.lm_config.use_moe))
         self.metrics_path = os.path.join(args.save_dir, self.stem + "_metrics.jsonl")
         self.resume_file = resume_path(args.checkpoint_dir, args.save_weight, self.lm_config.hidden_size,
                                        self.lm_config.use_moe)
@@ -171,6 +169,18 @@ class Run:
         print0(f"{algorithm}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
                f"({'LoRA r=%d' % args.lora_rank if args.use_lora else 'all'}), device {self.device}, "
                f"{self.dist.world_size} process(es)")
+
+    @property
+    def lm(self):
+        """The causal LM itself, under a value head or PPO's ActorCritic if there is one."""
+        return getattr(self.base_model, "lm", self.base_model)
+
+    @property
+    def critic_dir(self) -> str:
+        """Where PPO saves its critic: ppo_actor -> ppo_critic, anything else -> <name>_critic."""
+        name = self.args.save_weight
+        name = name.replace("actor", "critic") if "actor" in name else name + "_critic"
+        return os.path.join(self.args.save_dir, weight_name(name, self.lm_config.hidden_size, self.lm_config.use_moe))
 
     @property
     def is_main(self) -> bool:
@@ -212,7 +222,7 @@ class Run:
         self.base_model.eval()
         try:
             with torch.no_grad(), adapters_disabled(self.base_model):
-                yield getattr(self.base_model, "lm", self.base_model)   # the LM under a value head
+                yield self.lm
         finally:
             self.base_model.train(was_training)
 
@@ -308,16 +318,15 @@ class Run:
         """LoRA-only adapter (PEFT format), or with --use_lora 0 a full Hugging Face model folder."""
         os.makedirs(self.args.save_dir, exist_ok=True)
         meta = {"algorithm": self.algorithm, **(extra_meta or {})}
-        lm, extra_tensors = self.base_model, None
+        lm, extra_tensors = self.lm, None
         if isinstance(self.base_model, ActorCritic):  # the policy's adapter, then the critic's with its head
-            lm = self.base_model.lm
             save_lora(lm, self.weights_dir, base=self.args.from_weight, lm_config=self.lm_config, extra=meta)
             save_lora(lm, self.critic_dir, base=self.args.from_weight, lm_config=self.lm_config,
                       adapter_name=self.base_model.adapter, extra={**meta, "kind": "critic"},
                       extra_tensors={HEAD_FILE: self.base_model.head_state()})
             return
         if isinstance(self.base_model, ValueHeadModel):
-            lm, extra_tensors = self.base_model.lm, {HEAD_FILE: self.base_model.head_state()}
+            extra_tensors = {HEAD_FILE: self.base_model.head_state()}
         if self.args.use_lora:
             save_lora(lm, self.weights_dir, base=self.args.from_weight, lm_config=self.lm_config,
                       extra=meta, extra_tensors=extra_tensors)
