@@ -84,7 +84,7 @@ def _candidate_stems(name: str, lm_config: LMConfig, folder: str) -> list[str]:
         moes = [lm_config.use_moe] if lm_config.use_moe is not None else [False, True]
         return [weight_name(name, lm_config.hidden_size, moe) for moe in moes]
     # No size given: whatever {name}_{size}[_moe] exists in this folder.
-    pattern = re.compile(re.escape(name) + r"_(\d+)(_moe)?(\.safetensors|\.pth)?$")
+    pattern = re.compile(re.escape(name) + r"_(\d+)(_moe)?(\.safetensors|\.pth|\.old)?$")   # .old: see atomic_dir
     found = []
     for p in sorted(glob.glob(os.path.join(glob.escape(folder), glob.escape(name) + "_*"))):
         m = pattern.match(os.path.basename(p))

@@ -71,6 +71,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
     g.add_argument("--max_steps", type=int, default=0,
                    help="stop after this many optimizer steps, saving as at the end; 0: run all epochs")
     g.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
+    g.add_argument("--max_bad_steps", type=int, default=10,
+                   help="a step whose loss or gradients are not finite is skipped; after this many in a row the "
+                        "run saves and stops (default: %(default)s)")
 
     g = parser.add_argument_group("LoRA")
     g.add_argument("--use_lora", type=int, choices=[0, 1], default=use_lora,
@@ -94,6 +97,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
                    help="name of the saved weights: {save_dir}/{save_weight}_{hidden_size}[_moe] (default: %(default)s)")
     g.add_argument("--checkpoint_dir", default="checkpoints", help="where resume files go (default: %(default)s)")
     g.add_argument("--save_interval", type=int, default=save_interval, help="save every N optimizer steps (default: %(default)s)")
+    g.add_argument("--keep_checkpoints", type=int, default=1,
+                   help="resume files to keep: 1 keeps the latest only; K keeps the K latest as "
+                        "..._resume_step{N}.pth too, and resuming falls back to them (default: %(default)s)")
     g.add_argument("--from_resume", type=int, choices=[0, 1], default=0,
                    help="1: continue from the resume file in --checkpoint_dir if there is one (default: 0)")
     g.add_argument("--log_interval", type=int, default=log_interval, help="log every N optimizer steps (default: %(default)s)")

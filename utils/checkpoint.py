@@ -5,11 +5,18 @@ in fp32, optimizer, grad scaler, every RNG state, epoch, step, data position, wo
 wandb run id and the args. It holds only tensors, numbers, strings, lists and dicts, so it is
 read back with ``torch.load(weights_only=True)``. A write goes to a temp file that is renamed
 over the old one only once complete: a crash mid-write leaves the previous file valid.
+
+With ``--keep_checkpoints K`` above 1, each save is also kept as
+``..._resume_step{N}.pth`` (a hard link to the same file, so no extra space), the K newest
+of them; ``--from_resume 1`` falls back to them, newest first, when the latest cannot be read.
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
+import re
+import shutil
 
 import numpy as np
 import torch
@@ -21,7 +28,8 @@ from utils.files import atomic_file
 
 # Args that may change between a run and its resume without changing what is trained.
 RESUME_FREE_ARGS = {"from_resume", "device", "log_interval", "save_interval", "use_wandb", "wandb_project",
-                    "num_workers", "max_steps", "epochs", "checkpoint_dir", "save_dir"}
+                    "num_workers", "max_steps", "epochs", "checkpoint_dir", "save_dir", "keep_checkpoints",
+                    "max_bad_steps"}
 
 
 def resume_path(checkpoint_dir: str, save_weight: str, hidden_size: int, use_moe: bool) -> str:
@@ -69,19 +77,76 @@ def load_trainable_state(model, state: dict[str, torch.Tensor], path: str) -> No
             p.copy_(state[n].to(p.device, p.dtype))
 
 
-def save_resume(path: str, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically (temp file, fsync, rename)."""
+def kept_path(path: str, step: int) -> str:
+    return f"{path[:-len('.pth')]}_step{step}.pth"
+
+
+def kept_resume_files(path: str) -> list[tuple[int, str]]:
+    """(step, file) of the kept copies of resume file ``path``, newest first."""
+    stem = path[:-len(".pth")]
+    found = []
+    for f in glob.glob(glob.escape(stem) + "_step*.pth"):
+        m = re.fullmatch(re.escape(stem) + r"_step(\d+)\.pth", f)
+        if m:
+            found.append((int(m.group(1)), f))
+    return sorted(found, reverse=True)
+
+
+def save_resume(path: str, state: dict, keep: int = 1) -> None:
+    """Write ``state`` to ``path`` atomically (temp file, fsync, rename); with ``keep`` above 1
+    also keep it as ``kept_path(path, step)`` and remove all but the ``keep`` newest such files."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with atomic_file(path, "wb") as f:
         torch.save(state, f)
+    kept = kept_resume_files(path)
+    if keep > 1:
+        link = kept_path(path, state["step"])
+        if os.path.exists(link):
+            os.remove(link)
+        try:
+            os.link(path, link)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, link)
+        kept = kept_resume_files(path)
+    for _, f in kept[keep if keep > 1 else 0:]:   # with keep 1, no copies at all
+        os.remove(f)
 
 
 def load_resume(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read resume file {path}: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}; "
+        raise UserError(f"cannot read resume file {path}: {e.__class__.__name__}: {str(e).splitlines()[0].split('. ')[0][:200]}; "
                         f"delete it to start over")
+
+
+def load_latest_resume(path: str, say=print) -> tuple[dict, str] | None:
+    """(state, file) of the newest readable resume file: ``path``, else its kept copies newest
+    first (each unreadable one is named); None when there is none at all."""
+    candidates = ([path] if os.path.isfile(path) else []) + [f for _, f in kept_resume_files(path)]
+    errors = []
+    for f in candidates:
+        try:
+            state = load_resume(f)
+        except UserError as e:
+            errors.append(str(e))
+            continue
+        for e in errors:
+            say(f"{e.split('; delete it')[0]}; trying an older one")
+        if f != path:
+            say(f"resuming from the kept copy {f} (step {state['step']})")
+        return state, f
+    if errors:
+        raise UserError(errors[0] if len(errors) == 1 else
+                        f"none of the {len(errors)} resume files for {path} can be read ({errors[0]})")
+    return None
+
+
+def other_size_resume_files(checkpoint_dir: str, save_weight: str, path: str) -> list[str]:
+    """Resume files of the same --save_weight for another model size than ``path``'s."""
+    pattern = re.compile(re.escape(save_weight) + r"_\d+(_moe)?_resume\.pth")
+    return sorted(f for f in glob.glob(os.path.join(glob.escape(checkpoint_dir), glob.escape(save_weight) + "_*_resume.pth"))
+                  if pattern.fullmatch(os.path.basename(f)) and os.path.abspath(f) != os.path.abspath(path))
 
 
 def check_resume_args(saved: dict, current: dict, path: str) -> None:

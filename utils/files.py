@@ -9,13 +9,19 @@ import shutil
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "w", **open_kwargs):
     """Write to ``path.tmp`` inside the block, then fsync and rename it over ``path``.
-    A crash inside the block leaves the previous ``path`` untouched."""
+    A crash or an error inside the block (a full disk) leaves the previous ``path`` untouched;
+    after an error the partial temp file is removed."""
     tmp = path + ".tmp"
-    with open(tmp, mode, **open_kwargs) as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 @contextlib.contextmanager
@@ -23,15 +29,21 @@ def atomic_dir(path: str):
     """Yield an empty ``path.tmp`` folder to fill; afterwards it replaces ``path``.
 
     The previous folder stays whole until the new one is: a crash between the two renames
-    leaves it in ``path.old`` (which ``model.loading.resolve_weight`` also finds).
+    leaves it in ``path.old`` (which ``model.loading.resolve_weight`` also finds), and the next
+    write keeps that ``path.old`` until its own folder is in place. An error while filling the
+    folder (a full disk) removes the partial temp folder and leaves the previous one as it was.
     """
     path = path.rstrip("/")
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    yield tmp
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.isdir(path):
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)

@@ -253,7 +253,7 @@ def make_ppo_step(run, order, prompts: list[dict], prompt_ids: list[list[int]], 
                         pg_loss, m = clipped_policy_loss(logps, old_logps[idx], advantages[idx], m_idx, args.clip_epsilon)
                         vf_loss, vclip = clipped_value_loss(values.float(), old_values[idx], returns[idx], m_idx,
                                                             args.cliprange_value)
-                        run.scaler.scale((pg_loss + args.vf_coef * vf_loss) * (len(idx) / mb)).backward()
+                        run.backward((pg_loss + args.vf_coef * vf_loss) * (len(idx) / mb))
                     m.update(loss=pg_loss.detach(), value_loss=vf_loss.detach(), value_clip_ratio=vclip,
                              approx_kl=approx_kl(logps, old_logps[idx], m_idx), entropy=masked_mean(ent, m_idx))
                     for key, v in m.items():

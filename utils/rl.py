@@ -249,7 +249,7 @@ def make_group_step(run, order, prompts: list[dict], prompt_ids: list[list[int]]
                         loss, m = clipped_policy_loss(
                             logps, rollout.logps[idx], advantages[idx], resp_mask[idx], args.epsilon,
                             args.epsilon_high, None if ref_logps is None else ref_logps[idx], args.beta, loss_agg, G)
-                        run.scaler.scale(loss * (len(idx) / mb)).backward()
+                        run.backward(loss * (len(idx) / mb))
                     m["loss"], m["entropy"] = loss.detach(), masked_reduce(ent, resp_mask[idx], "sum").sum() / \
                         resp_mask[idx].sum().clamp(min=1)
                     for key, v in m.items():

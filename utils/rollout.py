@@ -87,7 +87,10 @@ class HFRolloutEngine(RolloutEngine):
                 out = self.model.generate(
                     input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=self.temperature,
                     top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_gen_len,
-                    num_return_sequences=G, eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+                    num_return_sequences=G, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                    # a diverged policy (nan/inf logits) still samples, so its step is skipped as
+                    # non-finite (utils.train.step_optimizers) instead of crashing inside sampling
+                    remove_invalid_values=True)
         finally:
             self.model.train(was_training)
         Tp = prompts.shape[1]

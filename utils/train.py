@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import math
 import os
 import signal
 import time
@@ -30,9 +31,9 @@ from model.export import export
 from model.lora import adapters_disabled, trainable_parameters
 from model.value_head import HEAD_FILE, ActorCritic, ValueHeadModel
 from utils.args import find_data_file
-from utils.checkpoint import (capture_rng, check_resume_args, load_resume, load_trainable_state, restore_rng,
-                              resume_path, save_resume, trainable_state)
-from utils.errors import UserError
+from utils.checkpoint import (capture_rng, check_resume_args, load_latest_resume, load_trainable_state,
+                              other_size_resume_files, restore_rng, resume_path, save_resume, trainable_state)
+from utils.errors import RunHalted, UserError
 from utils.logging import RunLogger
 from utils.runtime import (DistInfo, autocast_context, grad_scaler, init_distributed, peak_memory_gb, print0,
                            seed_everything)
@@ -44,7 +45,8 @@ def validate_common_args(args) -> None:
     MiniMind's layout (``../dataset/x.jsonl``) is resolved to the project's file (see find_data_file)."""
     args.data_path = find_data_file(args.data_path)
     problems = []
-    for name in ("batch_size", "accumulation_steps", "epochs", "log_interval", "save_interval", "max_seq_len"):
+    for name in ("batch_size", "accumulation_steps", "epochs", "log_interval", "save_interval", "max_seq_len",
+                 "max_bad_steps", "keep_checkpoints"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.learning_rate <= 0:
@@ -101,6 +103,8 @@ class TrainState:
     micro: int = 0           # micro-batches done
     extra: dict = field(default_factory=dict)
     wandb_id: str | None = None
+    bad_steps: int = 0       # steps skipped for a non-finite loss or gradients, in all
+    bad_in_row: int = 0      # ... in a row up to now
 
 
 class StopSignal:
@@ -160,6 +164,10 @@ class Run:
         if args.use_compile:
             self.model = torch.compile(self.model)
         self.scaler = grad_scaler(self.device, args.dtype)
+        self.skipped_updates = 0      # optimizer steps skipped for a non-finite loss or gradients
+        self._losses_finite = None    # whether every loss since the last optimizer step was finite
+        self.saved_step = None        # the step of the last good save (or of the resume file)
+        self.data_examples = None
         self.stem = weight_name(args.save_weight, self.lm_config.hidden_size, self.lm_config.use_moe)
         self.weights_dir = os.path.join(args.save_dir, self.stem)
         self.metrics_path = os.path.join(args.save_dir, self.stem + "_metrics.jsonl")
@@ -201,6 +209,19 @@ class Run:
         if self.dist.enabled and not last and hasattr(self.model, "no_sync"):
             return self.model.no_sync()
         return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a loss (scaled under fp16), noting whether it was finite: the next
+        optimizer step is skipped if any loss since the last one was not (see step_optimizers)."""
+        finite = torch.isfinite(loss.detach()).all()
+        self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
+        self.scaler.scale(loss).backward()
+
+    def losses_were_finite(self) -> bool:
+        """Whether every loss since the last call was finite, on every rank."""
+        ok = True if self._losses_finite is None else bool(self._losses_finite)
+        self._losses_finite = None
+        return not self.any_rank(not ok)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.base_model.parameters() if p.requires_grad]
@@ -248,21 +269,36 @@ class Run:
 
     def resume_or_start(self, optimizer, order: DataOrder) -> TrainState:
         """The state to start from: the resume file's with --from_resume 1 (if there is one), else
-        fresh. optimizer: one optimizer, or {name: optimizer} (PPO's policy and critic)."""
+        fresh. optimizer: one optimizer, or {name: optimizer} (PPO's policy and critic).
+        Everything that would make the resumed run train something else stops it here, with
+        what differs: another algorithm, other arguments, another model size, another data file."""
+        self.data_examples = order.n
         if not self.args.from_resume:
             return TrainState()
-        if not os.path.isfile(self.resume_file):
+        found = load_latest_resume(self.resume_file, say=print0)
+        if found is None:
+            others = other_size_resume_files(self.args.checkpoint_dir, self.args.save_weight, self.resume_file)
+            if others:
+                raise UserError(f"--from_resume 1: no {os.path.basename(self.resume_file)} for this model size "
+                                f"(--hidden_size {self.lm_config.hidden_size}"
+                                f"{', --use_moe 1' if self.lm_config.use_moe else ''}), but {others[0]} is there, "
+                                f"saved for another size; pass the sizes it was trained with to resume it, "
+                                f"or --from_resume 0 to start a new run")
             print0(f"--from_resume 1: no resume file at {self.resume_file}, starting fresh")
             return TrainState()
-        ckpt = load_resume(self.resume_file)
+        ckpt, path = found
         if ckpt.get("algorithm") != self.algorithm:
-            raise UserError(f"{self.resume_file} was written by {ckpt.get('algorithm')}, not {self.algorithm}; "
+            raise UserError(f"{path} was written by {ckpt.get('algorithm')}, not {self.algorithm}; "
                             f"use another --save_weight or --checkpoint_dir")
-        check_resume_args(ckpt["args"], self.resume_args(), self.resume_file)
-        load_trainable_state(self.base_model, ckpt["model"], self.resume_file)
+        check_resume_args(ckpt["args"], self.resume_args(), path)
+        if ckpt.get("data_examples", order.n) != order.n:
+            raise UserError(f"{path} was written for {ckpt['data_examples']} examples in {self.args.data_path}, "
+                            f"which now has {order.n}; resume with the data it was trained on, "
+                            f"or --from_resume 0 to start over")
+        load_trainable_state(self.base_model, ckpt["model"], path)
         optimizers, saved = named_optimizers(optimizer), ckpt["optimizers"]
         if set(saved) != set(optimizers):
-            raise UserError(f"{self.resume_file} holds the state of optimizer(s) {sorted(saved)}, this run has "
+            raise UserError(f"{path} holds the state of optimizer(s) {sorted(saved)}, this run has "
                             f"{sorted(optimizers)}; use another --checkpoint_dir or start without --from_resume")
         for name, opt in optimizers.items():
             opt.load_state_dict(saved[name])
@@ -274,14 +310,25 @@ class Run:
             micro = samples // (self.args.batch_size * self.dist.world_size)
             micro -= micro % self.args.accumulation_steps
             step = micro // self.args.accumulation_steps
-            print0(f"resume: world size {ckpt['world_size']} -> {self.dist.world_size}, step {ckpt['step']} -> {step}")
+            print0(f"resume: world size {ckpt['world_size']} -> {self.dist.world_size}: step {ckpt['step']} -> {step} "
+                   f"(the same {samples} examples seen; the data order and sampling RNG continue per rank, so the "
+                   f"run is not bit-identical to one that kept {ckpt['world_size']} process(es))")
         rng = ckpt["rng"]
         restore_rng(rng[self.dist.rank] if isinstance(rng, list) and self.dist.rank < len(rng) else rng[0])
-        print0(f"resumed from {self.resume_file} at step {step}/{order.total_steps}")
-        return TrainState(step=step, micro=micro, extra=ckpt.get("extra", {}), wandb_id=ckpt.get("wandb_id"))
+        self.saved_step = step
+        print0(f"resumed from {path} at step {step}/{order.total_steps}")
+        return TrainState(step=step, micro=micro, extra=ckpt.get("extra", {}), wandb_id=ckpt.get("wandb_id"),
+                          bad_steps=ckpt.get("bad_steps", 0), bad_in_row=ckpt.get("bad_in_row", 0))
 
     def save(self, state: TrainState, optimizer, extra_meta: dict | None = None) -> None:
-        """Weights to ``{save_dir}/{stem}/`` and the resume file, both atomically, rank 0 only."""
+        """Weights to ``{save_dir}/{stem}/`` and the resume file, both atomically, rank 0 only.
+        Non-finite weights are never written; a failed write (a full disk) leaves the last good
+        weights and resume file as they were and stops the run with a RunHalted."""
+        bad = [n for n, p in self.base_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise RunHalted(f"step {state.step}: non-finite values in {bad[0]}"
+                            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; nothing was saved, the last "
+                            f"good save{f' (step {self.saved_step})' if self.saved_step is not None else ''} is kept")
         self.check_replicas_agree(state.step)
         rngs = [capture_rng()]
         if self.dist.enabled:
@@ -289,15 +336,27 @@ class Run:
             torch.distributed.all_gather_object(gathered, rngs[0])
             rngs = gathered
         if not self.is_main:
+            self.saved_step = state.step
             return
-        self.save_weights(extra_meta)
-        save_resume(self.resume_file, {
-            "algorithm": self.algorithm, "model": trainable_state(self.base_model),
-            "optimizers": {name: opt.state_dict() for name, opt in named_optimizers(optimizer).items()},
-            "scaler": self.scaler.state_dict(), "rng": rngs,
-            "step": state.step, "micro": state.micro, "world_size": self.dist.world_size,
-            "wandb_id": state.wandb_id, "args": self.resume_args(), "extra": state.extra,
-        })
+        written = "nothing"
+        try:
+            self.save_weights(extra_meta)
+            written = "weights"
+            save_resume(self.resume_file, {
+                "algorithm": self.algorithm, "model": trainable_state(self.base_model),
+                "optimizers": {name: opt.state_dict() for name, opt in named_optimizers(optimizer).items()},
+                "scaler": self.scaler.state_dict(), "rng": rngs,
+                "step": state.step, "micro": state.micro, "world_size": self.dist.world_size,
+                "wandb_id": state.wandb_id, "args": self.resume_args(), "extra": state.extra,
+                "data_examples": self.data_examples, "bad_steps": state.bad_steps, "bad_in_row": state.bad_in_row,
+            }, keep=self.args.keep_checkpoints)
+        except OSError as e:
+            last = f"step {self.saved_step}" if self.saved_step is not None else "none yet"
+            kept = (f"the last good weights and resume file ({last}) are kept" if written == "nothing" else
+                    f"the weights of step {state.step} are saved, the resume file still holds {last}")
+            raise RunHalted(f"could not save step {state.step}: {e.strerror or e} ({e.filename or self.resume_file}); "
+                            f"{kept}; free some space and rerun with --from_resume 1") from None
+        self.saved_step = state.step
 
     def check_replicas_agree(self, step: int) -> None:
         """Under DDP, stop if the ranks' trainable weights differ: every rank applies the same
@@ -358,7 +417,12 @@ def clip_and_step(run: Run, optimizer, grad_clip: float) -> float:
 
 def step_optimizers(run: Run, optimizers: list, grad_clip: float) -> list[float]:
     """clip_and_step for optimizers over disjoint parameters (PPO's policy and critic), each
-    clipped to its own norm, with one grad-scaler update. Returns each gradient norm."""
+    clipped to its own norm, with one grad-scaler update. Returns each gradient norm.
+
+    When a loss since the last step or a gradient is not finite, no optimizer steps: the
+    gradients are dropped and ``run.skipped_updates`` counts it (run_steps stops the run after
+    --max_bad_steps such steps in a row). Under fp16 the grad scaler's own overflow handling
+    (skip, lower the scale) stays as it is: an overflowing gradient there is not a bad step."""
     norms = []
     for opt in optimizers:
         run.scaler.unscale_(opt)
@@ -368,8 +432,13 @@ def step_optimizers(run: Run, optimizers: list, grad_clip: float) -> list[float]
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.zeros(())
         norms.append(float(norm))
-    for opt in optimizers:
-        run.scaler.step(opt)
+    losses_ok = run.losses_were_finite()
+    grads_ok = all(math.isfinite(n) for n in norms)
+    if not losses_ok or not (grads_ok or run.scaler.is_enabled()):
+        run.skipped_updates += 1
+    else:
+        for opt in optimizers:
+            run.scaler.step(opt)
     run.scaler.update()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -391,7 +460,7 @@ def train(run: Run, order: DataOrder, micro_step, *, desc: str, optimizer=None, 
         for _ in range(args.accumulation_steps):
             with run.grad_sync(state.micro):
                 loss, metrics, n_tokens = micro_step(order.batch(state.micro))
-                run.scaler.scale(loss / args.accumulation_steps).backward()
+                run.backward(loss / args.accumulation_steps)
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
             tokens += n_tokens
@@ -436,8 +505,16 @@ def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, ext
                     group["lr"] = cosine_lr(state.step, total_steps, group.get("peak_lr", args.learning_rate))
                 lrs[f"{name}_lr" if lrs else "lr"] = opt.param_groups[0]["lr"]
             lr = lrs["lr"]
+            skipped_before = run.skipped_updates
             metrics, n_tokens = one_step(state, lr)
             state.step += 1
+            if run.skipped_updates > skipped_before:
+                state.bad_steps, state.bad_in_row = state.bad_steps + 1, state.bad_in_row + 1
+                print0(f"step {state.step}: non-finite loss or gradients, update skipped ({state.bad_in_row} in a row, "
+                       f"{state.bad_steps} in all; the run stops after --max_bad_steps {args.max_bad_steps} in a row)")
+            else:
+                state.bad_in_row = 0
+            metrics["skipped_steps"] = state.bad_steps
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n_steps, tokens = n_steps + 1, tokens + n_tokens
@@ -453,9 +530,15 @@ def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, ext
                 sums, n_steps, tokens, t_last = {}, 0, 0, now
             else:
                 logger.step(state.step, {})
+            if state.bad_in_row >= args.max_bad_steps:
+                break
             if state.step % args.save_interval == 0 and state.step < stop_step:
                 run.save(state, optimizer, extra_meta)
         run.save(state, optimizer, extra_meta)
+        if state.bad_in_row >= args.max_bad_steps:
+            raise RunHalted(f"stopped at step {state.step}: {state.bad_in_row} steps in a row had a non-finite loss or "
+                            f"gradients (skipped, so the weights stay finite; saved to {run.weights_dir}); "
+                            f"lower --learning_rate or check the data (on a GPU, --dtype float32 may help)")
         print0(f"{'stopped by a signal' if stopped else 'done'} at step {state.step}/{total_steps}; "
                f"weights in {run.weights_dir}, resume file {run.resume_file}")
         finished = True
