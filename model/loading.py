@@ -226,7 +226,8 @@ def _load_hf(path: str, lm_config: LMConfig):
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     except Exception as e:
-        raise UserError(f"cannot load the model in {path}: {e.__class__.__name__}: {str(e).splitlines()[0][:300]}")
+        raise UserError(f"cannot load the model in {path}: {e.__class__.__name__}: {str(e).splitlines()[0][:300]}; "
+                        f"a weights file there may be cut short or damaged: copy or export it again")
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise UserError(f"{path} does not load strictly: " + "; ".join(f"{k} {sorted(v)[:4]}" for k, v in bad.items()))

@@ -174,6 +174,7 @@ def test_seed_command_line_runs_as_written(tmp_path, save_dir):
     assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process(tmp_path, small_pairs, save_dir):
     common = ["train_dpo.py", "--data_path", small_pairs, "--from_weight", os.path.join(save_dir, "full_sft_32"),
               "--max_steps", "4", "--device", "cpu", "--learning_rate", "1e-2", "--log_interval", "1",
@@ -197,6 +198,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, small_pairs, save_di
     assert [r["loss"] for r in r2] == pytest.approx([r["loss"] for r in r1], abs=1e-5)  # averaged over ranks
 
 
+@pytest.mark.slow
 def test_sigint_saves_then_exits(tmp_path, small_pairs, save_dir):
     cmd = [sys.executable, "train_dpo.py", "--data_path", small_pairs, "--from_weight",
            os.path.join(save_dir, "full_sft_32"), "--batch_size", "4", "--epochs", "1000", "--device", "cpu",

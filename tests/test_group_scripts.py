@@ -67,17 +67,24 @@ def test_resume_equals_uninterrupted(tmp_path, prompts, tiny_dir, script, extra)
     assert [r["reward"] for r in ra] == pytest.approx([r["reward"] for r in rb], abs=1e-6)  # same samples
 
 
-def test_torchrun_two_processes(tmp_path, prompts, tiny_dir):
+@pytest.mark.slow
+@pytest.mark.parametrize("script, extra", [(train_gpo, ["--scale_rewards", "batch"]), (train_grpo, [])])
+def test_torchrun_two_processes_then_one(tmp_path, prompts, tiny_dir, script, extra, capsys):
+    args = ["--data_path", prompts, "--from_weight", os.path.join(tiny_dir, "full_sft_32"), *TINY, *extra,
+            "--reward_funcs", "tests.helpers.toy_rewards:char_count", "--max_steps", "2",
+            "--device", "cpu", "--log_interval", "1", "--save_dir", str(tmp_path / "out"),
+            "--checkpoint_dir", str(tmp_path / "ck")]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "train_gpo.py", "--data_path", prompts, "--from_weight",
-         os.path.join(tiny_dir, "full_sft_32"), *TINY, "--reward_funcs", "tests.helpers.toy_rewards:char_count", "--scale_rewards", "batch",
-         "--max_steps", "2", "--device", "cpu", "--log_interval", "1",
-         "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ck")],
+         "--master_port", str(free_port()), script.__name__ + ".py", *args],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "weights identical on all 2 processes" in proc.stdout
-    assert [r["step"] for r in rows(tmp_path / "out" / "gpo_32_metrics.jsonl")] == [1, 2]
+    metrics = tmp_path / "out" / f"{script.__name__[6:]}_32_metrics.jsonl"
+    assert [r["step"] for r in rows(metrics)] == [1, 2]
+    script.main(script.parse_args(args + ["--from_resume", "1", "--max_steps", "5"]))   # one process resumes
+    assert "world size 2 -> 1: step 2 -> 4" in capsys.readouterr().out
+    assert [r["step"] for r in rows(metrics)] == [1, 2, 5]
 
 
 def test_bad_input_stops_before_training(tmp_path, prompts, tiny_dir):

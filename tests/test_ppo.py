@@ -189,18 +189,23 @@ def test_early_stop_on_approx_kl(tmp_path, prompts, tiny_dir):
     assert [r["ppo_updates"] for r in rows(out + "_metrics.jsonl")] == [1, 1]
 
 
-def test_torchrun_two_processes(tmp_path, prompts, tiny_dir):
+@pytest.mark.slow
+def test_torchrun_two_processes_then_one(tmp_path, prompts, tiny_dir, capsys):
+    args = ["--data_path", prompts, "--from_weight", os.path.join(tiny_dir, "full_sft_32"), *TINY,
+            "--reward_funcs", "tests.helpers.toy_rewards:char_count", "--mini_batch_size", "4", "--max_steps", "2",
+            "--device", "cpu", "--log_interval", "1", "--early_stop_kl", "10", "--save_dir", str(tmp_path / "out"),
+            "--checkpoint_dir", str(tmp_path / "ck")]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "train_ppo.py", "--data_path", prompts, "--from_weight",
-         os.path.join(tiny_dir, "full_sft_32"), *TINY, "--reward_funcs", "tests.helpers.toy_rewards:char_count",
-         "--mini_batch_size", "4", "--max_steps", "2", "--device", "cpu", "--log_interval", "1",
-         "--early_stop_kl", "10", "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ck")],
+         "--master_port", str(free_port()), "train_ppo.py", *args],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "weights identical on all 2 processes" in proc.stdout
     assert [r["step"] for r in rows(tmp_path / "out" / "ppo_actor_32_metrics.jsonl")] == [1, 2]
     assert os.path.isfile(tmp_path / "out" / "ppo_critic_32" / HEAD_FILE)
+    train_ppo.main(train_ppo.parse_args(args + ["--from_resume", "1", "--max_steps", "5"]))   # one process resumes
+    assert "world size 2 -> 1: step 2 -> 4" in capsys.readouterr().out
+    assert [r["step"] for r in rows(tmp_path / "out" / "ppo_actor_32_metrics.jsonl")] == [1, 2, 5]
 
 
 def test_bad_input_stops_before_training(tmp_path, prompts, tiny_dir):

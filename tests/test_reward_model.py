@@ -102,16 +102,28 @@ def test_sequence_classification_folder_is_a_reward_model(tmp_path, tiny_model, 
         RewardModel.load(str(tmp_path / "nothing"))
 
 
-def test_torchrun_two_processes(tmp_path, small_pairs, tiny_dir):
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_then_resume_with_one(tmp_path, small_pairs, tiny_dir, capsys):
+    args = ["--data_path", small_pairs, "--from_weight", os.path.join(tiny_dir, "full_sft_32"), "--max_steps", "2",
+            "--device", "cpu", "--learning_rate", "1e-2", "--log_interval", "1"]
+    out = lambda name: ["--save_dir", str(tmp_path / name), "--checkpoint_dir", str(tmp_path / (name + "_ck"))]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "train_reward.py", "--data_path", small_pairs, "--from_weight",
-         os.path.join(tiny_dir, "full_sft_32"), "--batch_size", "2", "--max_steps", "2", "--device", "cpu",
-         "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ck")],
+         "--master_port", str(free_port()), "train_reward.py", *args, "--batch_size", "2", *out("two")],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "weights identical on all 2 processes" in proc.stdout
-    assert os.path.isfile(tmp_path / "out" / "reward_32" / HEAD_FILE)
+    assert os.path.isfile(tmp_path / "two" / "reward_32" / HEAD_FILE)
+    main(parse_args([*args, "--batch_size", "4", *out("one")]))         # one process, the same global batch
+    two, one = saved(str(tmp_path / "two" / "reward_32")), saved(str(tmp_path / "one" / "reward_32"))
+    # The head's bias cancels in r+ - r-: its gradient is rounding noise, which Adam scales up to
+    # about the lr, so it is left out. Unsynced gradients would differ by ~1e-2 (the lr) everywhere.
+    assert max(float((two[k] - one[k]).abs().max()) for k in one if k != "bias") < 1e-3
+    losses = lambda name: [json.loads(l)["loss"] for l in open(tmp_path / name / "reward_32_metrics.jsonl")]
+    assert losses("two") == pytest.approx(losses("one"), abs=1e-5)
+    capsys.readouterr()
+    main(parse_args([*args, "--batch_size", "2", *out("two"), "--from_resume", "1", "--max_steps", "6"]))
+    assert "world size 2 -> 1: step 2 -> 4" in capsys.readouterr().out
 
 
 def test_eval_align_reports_rm_pair_acc(tmp_path, small_pairs, tiny_dir):

@@ -86,6 +86,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert not os.path.exists(tmp_path / "o" / "full_sft_32")
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tmp_path, small_sft):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -101,6 +102,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, small_sft):
     assert torch.load(tmp_path / "ck" / "full_sft_32_resume.pth", weights_only=True)["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_sigterm_saves_then_exits_and_resume_continues(tmp_path, small_sft):
     import signal
     args = [sys.executable, "train_sft.py", "--data_path", small_sft, "--hidden_size", "32", "--num_hidden_layers",

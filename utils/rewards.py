@@ -122,7 +122,9 @@ class RewardFunctions:
             except UserError:
                 raise
             except Exception as e:
-                raise UserError(f"reward function {name} failed: {e.__class__.__name__}: {e}") from e
+                raise UserError(f"reward function {name} failed: {e.__class__.__name__}: {str(e)[:200]} (called with "
+                                f"{len(responses)} responses; its first: {responses[0][:60]!r}); fix the function, or "
+                                f"leave it out of --reward_funcs") from e
             values = self._check(name, values, n)
             breakdown[name] = values
             total += w * values
