@@ -30,7 +30,7 @@ from utils.errors import UserError, run_cli
 from utils.logprobs import model_sequence_logprobs
 from utils.losses import DPO_LOSS_TYPES, dpo_loss
 from utils.runtime import print0
-from utils.train import DataOrder, Run, train, validate_common_args
+from utils.train import DataOrder, Job, Run, supervised_job, validate_common_args
 
 DEFAULT_BETA = {"mean": 5.0, "sum": 0.1}
 
@@ -108,7 +108,8 @@ def precompute_reference(run: Run, items: list, batch_size: int, reduce: str) ->
     return table.float()
 
 
-def main(args):
+def build(args) -> Job:
+    """Everything up to the first step: checks, data, model, reference (see utils.train.Job)."""
     validate_common_args(args)                # bad flags and bad data stop the run before any model is built
     validate_dpo_args(args)
     pairs = load_pairs(args.data_path)
@@ -135,8 +136,12 @@ def main(args):
                                  args.label_smoothing)
         return loss, metrics, int(batch["attention_mask"].sum())
 
-    return train(run, order, micro_step, desc="dpo",
-                 extra_meta={"beta": args.beta, "loss_type": args.loss_type, "logp_reduce": args.logp_reduce})
+    return supervised_job(run, order, micro_step, desc="dpo",
+                          extra_meta={"beta": args.beta, "loss_type": args.loss_type, "logp_reduce": args.logp_reduce})
+
+
+def main(args):
+    return build(args)()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from utils.errors import run_cli
 from utils.rewards import check_answers, rewards_from_args
 from utils.rl import (LOSS_AGGREGATIONS, add_group_args, check_rl_args, make_group_step, reward_samples,
                       start_group_run)
-from utils.train import run_steps
+from utils.train import Job
 
 
 def parse_args(argv=None):
@@ -49,7 +49,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(args):
+def build(args) -> Job:
+    """Everything up to the first step: checks, prompts, rewards, model, sampler (see utils.train.Job)."""
     check_rl_args(args)                       # bad flags and bad data stop the run before any model is built
     prompts = load_prompts(args.data_path)
     rewards = rewards_from_args(args, device=args.device)
@@ -62,7 +63,11 @@ def main(args):
 
     step = make_group_step(run, order, prompts, prompt_ids, engine, optimizer, score, loss_agg=args.loss_agg,
                            baseline=args.baseline, scale=args.scale_rewards, level=args.adv_level)
-    return run_steps(run, order, optimizer, step, desc="gpo", extra_meta={"reward_funcs": args.reward_funcs})
+    return Job(run, order, optimizer, step, "gpo", {"reward_funcs": args.reward_funcs})
+
+
+def main(args):
+    return build(args)()
 
 
 if __name__ == "__main__":

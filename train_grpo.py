@@ -28,7 +28,7 @@ from utils.errors import UserError, run_cli
 from utils.logprobs import masked_reduce
 from utils.rewards import rewards_from_args
 from utils.rl import add_group_args, check_rl_args, make_group_step, reward_samples, start_group_run
-from utils.train import run_steps
+from utils.train import Job
 
 
 def parse_args(argv=None):
@@ -50,7 +50,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(args):
+def build(args) -> Job:
+    """Everything up to the first step: checks, prompts, rewards, model, sampler (see utils.train.Job)."""
     check_rl_args(args)                       # bad flags and bad data stop the run before any model is built
     prompts = load_prompts(args.data_path)
     external = rewards_from_args(args, device=args.device) if (args.reward_funcs or args.reward_model) else None
@@ -73,7 +74,11 @@ def main(args):
     loss_agg = "seq_mean_group_sum" if args.logp_reduce == "mean" else "seq_sum_group_sum"
     step = make_group_step(run, order, prompts, prompt_ids, engine, optimizer, score, loss_agg=loss_agg,
                            baseline="mean", scale=args.scale_rewards, level="sample")
-    return run_steps(run, order, optimizer, step, desc="grpo", extra_meta={"logp_reduce": args.logp_reduce})
+    return Job(run, order, optimizer, step, "grpo", {"logp_reduce": args.logp_reduce})
+
+
+def main(args):
+    return build(args)()
 
 
 if __name__ == "__main__":

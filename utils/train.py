@@ -445,8 +445,24 @@ def step_optimizers(run: Run, optimizers: list, grad_clip: float) -> list[float]
     return norms
 
 
-def train(run: Run, order: DataOrder, micro_step, *, desc: str, optimizer=None, extra_meta: dict | None = None) -> str:
-    """The supervised training loop shared by SFT, DPO and the reward model. Returns the weights folder.
+@dataclass
+class Job:
+    """A training run ready to go: what ``run_steps`` needs. Each script's ``build(args)`` returns
+    one and its ``main`` runs it; bench/run.py times the same ``one_step`` without the loop."""
+    run: Run
+    order: DataOrder
+    optimizer: object
+    one_step: object
+    desc: str
+    extra_meta: dict | None = None
+
+    def __call__(self) -> str:
+        return run_steps(self.run, self.order, self.optimizer, self.one_step, desc=self.desc, extra_meta=self.extra_meta)
+
+
+def supervised_job(run: Run, order: DataOrder, micro_step, *, desc: str, optimizer=None,
+                   extra_meta: dict | None = None) -> Job:
+    """The supervised training step shared by SFT, DPO and the reward model, as a Job.
 
     micro_step(indices) -> (loss, metrics, n_tokens): the loss of one micro-batch (the dataset
     items at ``indices``), computed with a forward through ``run.model``; metrics are floats
@@ -468,7 +484,12 @@ def train(run: Run, order: DataOrder, micro_step, *, desc: str, optimizer=None, 
         grad_norm = clip_and_step(run, optimizer, args.grad_clip)
         return {**{k: v / args.accumulation_steps for k, v in sums.items()}, "grad_norm": grad_norm}, tokens
 
-    return run_steps(run, order, optimizer, one_step, desc=desc, extra_meta=extra_meta)
+    return Job(run, order, optimizer, one_step, desc, extra_meta)
+
+
+def train(run: Run, order: DataOrder, micro_step, *, desc: str, optimizer=None, extra_meta: dict | None = None) -> str:
+    """The supervised training loop: supervised_job(...) run to the end. Returns the weights folder."""
+    return supervised_job(run, order, micro_step, desc=desc, optimizer=optimizer, extra_meta=extra_meta)()
 
 
 def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, extra_meta: dict | None = None) -> str:
