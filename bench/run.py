@@ -94,39 +94,34 @@ def write_jsonl(rows: list[dict], path: str) -> str:
 # ---------------------------------------------------------------- ours
 def ours_dpo(a, data: str, tmp: str):
     import train_dpo
-    from utils.train import TrainState
     args = train_dpo.parse_args(["--from_weight", a.model, "--data_path", data, "--batch_size", str(a.batch_size),
                                  "--max_seq_len", str(a.max_len), "--device", a.device, "--learning_rate",
                                  str(a.learning_rate), "--epochs", "1", "--save_dir", tmp, "--checkpoint_dir", tmp,
                                  "--precompute_ref", str(a.precompute_ref), "--dtype", "bfloat16"])
-    t0 = time.perf_counter()
-    job = train_dpo.build(args)
-    built = time.perf_counter() - t0
+    return timed_steps(train_dpo.build(args))
+
+
+def timed_steps(job):
+    """(step, batches per epoch) of a utils.train.Job: step() runs one training step, returns its tokens."""
+    from utils.train import TrainState
     state = TrainState()
 
     def step():
-        _, tokens = job.one_step(state, a.learning_rate)
+        _, tokens = job.one_step(state, job.optimizer.param_groups[0]["lr"])
         return tokens
-    return step, built, job.order.batches_per_epoch
+    return step, job.order.batches_per_epoch
 
 
 def ours_group(a, data: str, tmp: str):
     import train_gpo
     import train_grpo
-    from utils.train import TrainState
     module = train_gpo if a.algo == "gpo" else train_grpo
     extra = ["--reward_funcs", "accuracy"] if a.algo == "grpo" else []
     args = module.parse_args(["--from_weight", a.model, "--data_path", data, "--batch_size", str(a.batch_size),
                               "--num_generations", str(a.num_generations), "--max_gen_len", str(a.max_gen_len),
                               "--device", a.device, "--learning_rate", str(a.learning_rate), "--save_dir", tmp,
                               "--checkpoint_dir", tmp, "--dtype", "bfloat16", *extra])
-    job = module.build(args)
-    state = TrainState()
-
-    def step():
-        _, tokens = job.one_step(state, a.learning_rate)
-        return tokens
-    return step, 0.0, job.order.batches_per_epoch
+    return timed_steps(module.build(args))
 
 
 # ---------------------------------------------------------------- TRL
@@ -178,10 +173,9 @@ def trl_dpo(a, rows: list[dict], tmp: str):
     model, tok, lora = trl_model(a)
     cfg = DPOConfig(**trl_common(a, tmp), max_length=a.max_len, beta=0.1, loss_type=["sigmoid"],
                     precompute_ref_log_probs=False)
-    t0 = time.perf_counter()
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          peft_config=lora)
-    return trl_stepper(trainer), time.perf_counter() - t0
+    return trl_stepper(trainer)
 
 
 def trl_grpo(a, prompts: list[dict], tmp: str):
@@ -202,7 +196,7 @@ def trl_grpo(a, prompts: list[dict], tmp: str):
     rows = [{"prompt": p["prompt"], "answer": p.get("answer")} for p in prompts]
     trainer = GRPOTrainer(model=model, reward_funcs=[accuracy], args=cfg, train_dataset=Dataset.from_list(rows),
                           processing_class=tok, peft_config=lora)
-    return trl_stepper(trainer), 0.0
+    return trl_stepper(trainer)
 
 
 # ---------------------------------------------------------------- measuring
@@ -256,7 +250,7 @@ def peak_rss_mb() -> float:
 
 
 def build_sides(a, tmp: str):
-    """{"ours": (step, setup_s, batches_per_epoch), "trl": (step, setup_s)} for --algo."""
+    """{"ours": (step, batches_per_epoch), "trl": step} for --algo (one side only with --side)."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(a.model)
     n = a.batch_size * (a.steps + a.warmup)
@@ -283,7 +277,8 @@ def build_sides(a, tmp: str):
 def memory_child(a) -> dict:
     """--side: one side alone; the resident memory its steps add."""
     with tempfile.TemporaryDirectory() as tmp:
-        step = build_sides(a, tmp)[a.side][0]
+        step = build_sides(a, tmp)[a.side]
+        step = step[0] if a.side == "ours" else step
         import gc
         gc.collect()
         before = rss_mb()
@@ -321,8 +316,7 @@ def compare(a) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         sides = build_sides(a, tmp)
-        ours_step, ours_setup, batches = sides["ours"]
-        trl_step, _ = sides["trl"]
+        (ours_step, batches), trl_step = sides["ours"], sides["trl"]
         meters = {"ours": Meter(a.device), "trl": Meter(a.device)}
         for i in range(a.warmup + a.steps):          # interleaved: ours, TRL, ours, TRL, ...
             meters["ours"].run(ours_step, timed=i >= a.warmup)
@@ -343,7 +337,7 @@ def compare(a) -> dict:
         out.update(max_len=a.max_len, epochs=a.epochs, precompute_ref=a.precompute_ref)
         if a.epochs > 1 or a.precompute_ref:
             # the run over the benchmark's data: ours = reference pass (once) + steps; TRL = steps
-            ours_total = ours_setup * 0 + a.epochs * batches * ours["s_per_step"]
+            ours_total = a.epochs * batches * ours["s_per_step"]
             if a.precompute_ref:
                 ours_total += precompute_seconds(a)
             out.update(ours_run_s=ours_total, trl_run_s=a.epochs * batches * trl["s_per_step"],
