@@ -98,7 +98,6 @@ def save_resume(path: str, state: dict, keep: int = 1) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with atomic_file(path, "wb") as f:
         torch.save(state, f)
-    kept = kept_resume_files(path)
     if keep > 1:
         link = kept_path(path, state["step"])
         if os.path.exists(link):
@@ -107,17 +106,19 @@ def save_resume(path: str, state: dict, keep: int = 1) -> None:
             os.link(path, link)
         except OSError:  # a file system without hard links
             shutil.copyfile(path, link)
-        kept = kept_resume_files(path)
-    for _, f in kept[keep if keep > 1 else 0:]:   # with keep 1, no copies at all
+    for _, f in kept_resume_files(path)[keep if keep > 1 else 0:]:   # with keep 1, no copies at all
         os.remove(f)
+
+
+def _unreadable(path: str, e: Exception) -> str:
+    return f"cannot read resume file {path}: {e.__class__.__name__}: {str(e).splitlines()[0].split('. ')[0][:200]}"
 
 
 def load_resume(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read resume file {path}: {e.__class__.__name__}: {str(e).splitlines()[0].split('. ')[0][:200]}; "
-                        f"delete it to start over")
+        raise UserError(f"{_unreadable(path, e)}; delete it to start over")
 
 
 def load_latest_resume(path: str, say=print) -> tuple[dict, str] | None:
@@ -127,18 +128,19 @@ def load_latest_resume(path: str, say=print) -> tuple[dict, str] | None:
     errors = []
     for f in candidates:
         try:
-            state = load_resume(f)
-        except UserError as e:
-            errors.append(str(e))
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            errors.append(_unreadable(f, e))
             continue
         for e in errors:
-            say(f"{e.split('; delete it')[0]}; trying an older one")
+            say(f"{e}; trying an older one")
         if f != path:
             say(f"resuming from the kept copy {f} (step {state['step']})")
         return state, f
     if errors:
-        raise UserError(errors[0] if len(errors) == 1 else
-                        f"none of the {len(errors)} resume files for {path} can be read ({errors[0]})")
+        raise UserError(f"{errors[0]}; delete it to start over" if len(errors) == 1 else
+                        f"none of the {len(errors)} resume files for {path} can be read ({errors[0]}); "
+                        f"delete them to start over")
     return None
 
 

@@ -338,10 +338,10 @@ class Run:
         if not self.is_main:
             self.saved_step = state.step
             return
-        written = "nothing"
+        weights_saved = False
         try:
             self.save_weights(extra_meta)
-            written = "weights"
+            weights_saved = True
             save_resume(self.resume_file, {
                 "algorithm": self.algorithm, "model": trainable_state(self.base_model),
                 "optimizers": {name: opt.state_dict() for name, opt in named_optimizers(optimizer).items()},
@@ -352,8 +352,8 @@ class Run:
             }, keep=self.args.keep_checkpoints)
         except OSError as e:
             last = f"step {self.saved_step}" if self.saved_step is not None else "none yet"
-            kept = (f"the last good weights and resume file ({last}) are kept" if written == "nothing" else
-                    f"the weights of step {state.step} are saved, the resume file still holds {last}")
+            kept = (f"the weights of step {state.step} are saved, the resume file still holds {last}" if weights_saved
+                    else f"the last good weights and resume file ({last}) are kept")
             raise RunHalted(f"could not save step {state.step}: {e.strerror or e} ({e.filename or self.resume_file}); "
                             f"{kept}; free some space and rerun with --from_resume 1") from None
         self.saved_step = state.step
