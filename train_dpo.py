@@ -14,8 +14,8 @@ Unlike the paper, l(y) is by default the mean log-prob per response token, as in
 the sum, so beta must be about that much larger: the default beta is 5 with mean, 0.1 with sum.
 
 The policy is the start weights plus LoRA adapters; the reference is the same weights with the
-adapters off (``--ref_model copy`` keeps a separate frozen copy instead). Chosen and rejected go
-through one concatenated forward; only response tokens count. With ``--precompute_ref 1`` (the
+adapters off (``--ref_model copy`` keeps a separate frozen copy instead). A pair's prompt runs
+once and its chosen and rejected responses continue from it together; only response tokens count. With ``--precompute_ref 1`` (the
 default when --epochs > 1) the reference log-probs are computed once before training.
 """
 from __future__ import annotations
@@ -24,10 +24,10 @@ import argparse
 
 import torch
 
-from dataset.data import collate_pairs, load_pairs, tokenize_pairs
+from dataset.data import collate_pair_groups, load_pairs, tokenize_pairs
 from utils.args import add_common_args
 from utils.errors import UserError, run_cli
-from utils.logprobs import model_sequence_logprobs
+from utils.logprobs import grouped_token_logprobs, masked_reduce
 from utils.losses import DPO_LOSS_TYPES, dpo_loss
 from utils.runtime import print0
 from utils.train import DataOrder, Job, Run, supervised_job, validate_common_args
@@ -77,10 +77,15 @@ def validate_dpo_args(args) -> None:
 
 
 def pair_logprobs(model, batch: dict, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) sequence log-probs, each (B,), from one forward over the 2B rows."""
-    logps = model_sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], reduce)
-    n = logps.shape[0] // 2
-    return logps[:n], logps[n:]
+    """(chosen, rejected) sequence log-probs, each (B,), of a dataset.data.collate_pair_groups
+    batch: each pair's prompt runs once, then its two responses together."""
+    per_token, _ = grouped_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"], 2)
+    logps = masked_reduce(per_token, batch["response_mask"][:, 1:], reduce)
+    return logps[0::2], logps[1::2]
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -97,7 +102,7 @@ def precompute_reference(run: Run, items: list, batch_size: int, reduce: str) ->
     with run.reference_model() as ref:
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
-            batch = {k: v.to(run.device) for k, v in collate_pairs([items[i] for i in idx], pad).items()}
+            batch = to_device(collate_pair_groups([items[i] for i in idx], pad), run.device)
             with run.autocast():
                 chosen, rejected = pair_logprobs(ref, batch, reduce)
             table[idx] = torch.stack([chosen, rejected], -1).double().cpu()
@@ -124,7 +129,7 @@ def build(args) -> Job:
     pad = run.tokenizer.pad_token_id
 
     def micro_step(indices):
-        batch = {k: v.to(run.device) for k, v in collate_pairs([items[i] for i in indices], pad).items()}
+        batch = to_device(collate_pair_groups([items[i] for i in indices], pad), run.device)
         with run.autocast():
             if ref_table is not None:
                 ref_chosen, ref_rejected = ref_table[indices].to(run.device).unbind(-1)

@@ -297,3 +297,26 @@ def collate_pairs(items, pad_id: int) -> dict[str, torch.Tensor]:
         "attention_mask": pad_batch([[1] * len(s) for s in seqs], 0),
         "response_mask": pad_batch(masks, 0),
     }
+
+
+def collate_pair_groups(items, pad_id: int) -> dict:
+    """Chosen and rejected of each pair side by side, sharing one prompt computation.
+
+    items: (prompt_ids, chosen_ids, rejected_ids) from ``encode_pairs``. Returns input_ids,
+    attention_mask and response_mask, each (2B, Tp + Lr): row 2i is pair i's chosen sequence,
+    row 2i+1 its rejected one; each row is the prompt left-padded to Tp, then the response
+    right-padded to Lr. ``prompt_len`` is Tp. The rows of a pair share columns 0..Tp-1, which
+    utils.logprobs.grouped_token_logprobs runs once per pair.
+    """
+    prompts = [p for p, _, _ in items for _ in range(2)]
+    responses = [r for _, c, rj in items for r in (c, rj)]
+    prompt_ids = pad_batch(prompts, pad_id, side="left")
+    prompt_mask = pad_batch([[1] * len(p) for p in prompts], 0, side="left")
+    response_ids = pad_batch(responses, pad_id)
+    response_mask = pad_batch([[1] * len(r) for r in responses], 0)
+    return {
+        "input_ids": torch.cat([prompt_ids, response_ids], 1),
+        "attention_mask": torch.cat([prompt_mask, response_mask], 1),
+        "response_mask": torch.cat([torch.zeros_like(prompt_mask), response_mask], 1),
+        "prompt_len": prompt_ids.shape[1],
+    }

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dataset.data import collate_pairs, encode_pairs, load_pairs
+from dataset.data import collate_pair_groups, encode_pairs, load_pairs
 from model import LMConfig, apply_lora, init_model, save_lora
 from train_dpo import main, pair_logprobs, parse_args, precompute_reference
 from conftest import first_lines, free_port, interrupt_after, run_args
@@ -72,9 +72,10 @@ def test_tiny_run_saves_lora_only_adapter_and_metrics(tmp_path, small_pairs, sav
     for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "rewards/chosen", "rewards/rejected",
                 "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
         assert key in metrics[0], key
-    # Step 1's loss is measured before any update: policy == reference, so exactly log 2.
-    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert metrics[0]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    # Step 1's loss is measured before any update: policy == reference, so log 2 (up to rounding:
+    # the precomputed reference saw the pairs in other batches, with other prompt padding).
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
     ckpt = torch.load(tmp_path / "ck" / "dpo_32_resume.pth", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["algorithm"] == "dpo" and set(ckpt["model"]) <= {
         k[len("base_model.model."):] .replace(".lora_A.weight", ".lora_A.default.weight")
@@ -101,7 +102,7 @@ def test_loss_variants_and_full_parameter_training_run(tmp_path, small_pairs, sa
         main(args_for(tmp_path / str(i), small_pairs, save_dir, "--max_steps", "1", *extra))
     out = main(args_for(tmp_path / "full", small_pairs, save_dir, "--max_steps", "2", "--use_lora", "0"))
     assert os.path.isfile(os.path.join(out, "model.safetensors"))  # a whole model, reference was a copy
-    assert rows(out + "_metrics.jsonl")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows(out + "_metrics.jsonl")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
 def make_run(tmp_path, small_pairs, save_dir, *extra):
@@ -113,7 +114,7 @@ def test_shared_and_copy_reference_give_the_same_logprobs(tmp_path, small_pairs,
     _, shared = make_run(tmp_path / "s", small_pairs, save_dir, "--ref_model", "shared")
     _, copy = make_run(tmp_path / "c", small_pairs, save_dir, "--ref_model", "copy")
     items, _ = encode_pairs(load_pairs(small_pairs), shared.tokenizer, 256)
-    batch = collate_pairs(items[:6], shared.tokenizer.pad_token_id)
+    batch = collate_pair_groups(items[:6], shared.tokenizer.pad_token_id)
     for run in (shared, copy):  # move the policies away from the start, as training does
         with torch.no_grad():
             for n, p in run.base_model.named_parameters():
@@ -135,7 +136,7 @@ def test_precomputed_reference_equals_live(tmp_path, small_pairs, save_dir):
     table = precompute_reference(run, items, 5, "mean")
     idx = [3, 17, 0, 41]
     with run.reference_model() as ref:
-        live = pair_logprobs(ref, collate_pairs([items[i] for i in idx], run.tokenizer.pad_token_id), "mean")
+        live = pair_logprobs(ref, collate_pair_groups([items[i] for i in idx], run.tokenizer.pad_token_id), "mean")
     torch.testing.assert_close(table[idx], torch.stack(live, -1), atol=1e-5, rtol=0)
 
 
@@ -143,7 +144,7 @@ def test_from_weight_adapter_is_merged_and_is_the_reference(tmp_path, small_pair
     out = main(args_for(tmp_path, small_pairs, save_dir, "--from_weight", "lora_identity", "--save_dir", save_dir,
                         "--save_weight", "dpo_on_identity", "--max_steps", "1"))
     first = rows(out + "_metrics.jsonl")[0]
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy starts where the reference is
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy starts where the reference is
     meta = json.load(open(os.path.join(out, "minialign.json")))
     assert meta["base"] == "lora_identity"
     # --from_weight <this adapter> rebuilds full_sft + lora_identity + dpo.

@@ -14,11 +14,16 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     log-prob of input_ids[:, t+1] given the tokens before it. Computed as gather minus
     logsumexp, in fp32, which avoids materialising a (B, T, V) log-softmax.
     """
-    logits = logits[:, :-1].float()
+    return target_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at ``targets``: logits (B, L, V), targets (B, L) -> (B, L),
+    as gather minus logsumexp in fp32."""
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def masked_reduce(values: torch.Tensor, mask: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -79,6 +84,72 @@ def model_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
     first = int(starts.min()) if starts.numel() else 1
     per_token = model_token_logprobs(model, input_ids, attention_mask, temperature, first_needed=first)
     return masked_reduce(per_token, response_mask[:, 1:], reduce)
+
+
+def shared_prompt_logprobs(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor,
+                           response_mask: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
+    """(logps (N, Lr), entropy (N, Lr) or None) of response tokens, each prompt run once for all
+    its continuations.
+
+    prompts (P, Tp) left-padded, prompt_mask (P, Tp); responses (N, Lr) right-padded with
+    response_mask (N, Lr) 1 on real tokens, N = P*G, rows g*G..g*G+G-1 continuing prompt g
+    (the G samples of a prompt; DPO's chosen and rejected, G = 2). Entry j is
+    log pi(responses[:, j] | prompt, responses[:, :j]); entries off response_mask are 0.
+
+    The prompt forward (P rows) keeps its keys and values; they are repeated G times and the
+    responses attend to them in a second forward, so the prompt costs 1/G of what it costs in
+    model_token_logprobs over the N concatenated rows, whose values this equals up to rounding.
+    Gradients flow through both forwards. Needs a model that takes ``past_key_values`` (every
+    transformers causal LM does).
+    """
+    P, N, Tp, Lr = prompts.shape[0], responses.shape[0], prompts.shape[1], responses.shape[1]
+    if P == 0 or N % P:
+        raise ValueError(f"{N} responses are not a whole number of continuations of {P} prompts")
+    G = N // P
+    head = model(input_ids=prompts, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                 use_cache=True, logits_to_keep=1)
+    logits = head.logits.repeat_interleave(G, 0)                                  # (N, 1, V): first response token
+    if Lr > 1:
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(G)
+        mask = torch.cat([prompt_mask.repeat_interleave(G, 0), response_mask], 1)[:, :-1]       # (N, Tp+Lr-1)
+        rest = model(input_ids=responses[:, :-1], attention_mask=mask,
+                     position_ids=position_ids_from_mask(mask)[:, Tp:], past_key_values=cache, use_cache=True)
+        logits = torch.cat([logits, rest.logits], 1)                              # (N, Lr, V)
+    keep = response_mask.to(torch.float32)
+    logps = target_logprobs(logits, responses, temperature) * keep
+    if not with_entropy:
+        return logps, None
+    with torch.no_grad():
+        return logps, token_entropy(logits / temperature) * keep
+
+
+def grouped_token_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                           group: int = 1, temperature: float = 1.0, with_entropy: bool = False):
+    """(logps (N, T-1), entropy (N, T-1) or None) in model_token_logprobs's layout, for rows that
+    hold a left-padded prompt in columns < prompt_len and a right-padded response after it,
+    ``group`` consecutive rows sharing one prompt (a rollout's G samples, DPO's pair).
+
+    With group > 1 each prompt is run once (shared_prompt_logprobs); columns that are padding in
+    every row are cut off first. Entries before the response and off the attention mask are 0.
+    """
+    N, T = sequences.shape
+    if group <= 1:
+        return policy_forward(model, sequences, attention_mask, temperature, prompt_len, with_entropy)
+    if N % group:
+        raise ValueError(f"{N} rows are not whole groups of {group}")
+    prompts = sequences[:, :prompt_len].view(N // group, group, prompt_len)
+    if not bool((prompts == prompts[:, :1]).all()):
+        raise ValueError(f"rows of a group of {group} must share their first {prompt_len} tokens")
+    prompt_mask = attention_mask[::group, :prompt_len]
+    start = int(prompt_mask.any(0).int().argmax())                              # left padding every prompt has
+    filled = attention_mask[:, prompt_len:].any(0).nonzero()
+    end = prompt_len + (int(filled.max()) + 1 if filled.numel() else 1)       # right padding every response has
+    logps, ent = shared_prompt_logprobs(model, sequences[::group, start:prompt_len], prompt_mask[:, start:],
+                                        sequences[:, prompt_len:end], attention_mask[:, prompt_len:end],
+                                        temperature, with_entropy)
+    pad = (prompt_len - 1, T - end)                                             # back to (N, T-1)
+    return torch.nn.functional.pad(logps, pad), None if ent is None else torch.nn.functional.pad(ent, pad)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -229,7 +229,7 @@ def make_ppo_step(run, order, prompts: list[dict], prompt_ids: list[list[int]], 
             old_values = torch.cat([run.base_model.values(seqs[i:i + 64], am[i:i + 64])[:, :-1]
                                     for i in range(0, N, 64)]).float() * mask
         if args.kl_coef > 0:
-            kl = kl_per_token(old_logps, reference_logprobs(run, seqs, am, args.temperature, first), args.kl_estimator)
+            kl = kl_per_token(old_logps, reference_logprobs(run, seqs, am, args.temperature, first, G), args.kl_estimator)
         else:
             kl = torch.zeros_like(old_logps)
         kl = kl.float() * mask

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.logprobs import masked_reduce, model_token_logprobs, policy_forward
+from utils.logprobs import grouped_token_logprobs, masked_reduce
 
 ADV_EPS = 1e-4
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean")   # the user's choice in train_gpo.py
@@ -186,7 +186,8 @@ def start_rl_run(args, algorithm: str, prompts: list[dict], wrap=None):
     prompt_ids = encode_prompts(run.tokenizer, prompts, args.max_seq_len - args.max_gen_len)
     order = DataOrder(len(prompts), args.batch_size, args.epochs, 1, args.seed, run.dist, what="prompts")
     engine = HFRolloutEngine(run.lm, run.tokenizer, args.max_gen_len,
-                             args.temperature, args.top_p, args.top_k, autocast=run.autocast)
+                             args.temperature, args.top_p, args.top_k, autocast=run.autocast,
+                             merge=bool(args.merge_for_sampling))
     return run, order, prompt_ids, engine
 
 
@@ -232,23 +233,30 @@ def make_group_step(run, order, prompts: list[dict], prompt_ids: list[list[int]]
         advantages = advantages[run.dist.rank * N:(run.dist.rank + 1) * N].to(run.device)
         seqs, am, first = rollout.sequences, rollout.attention_mask, rollout.prompt_len
         resp_mask = rollout.response_mask[:, 1:]                                # (N, L)
-        ref_logps = reference_logprobs(run, seqs, am, args.temperature, first) if args.beta > 0 else None
+        ref_logps = reference_logprobs(run, seqs, am, args.temperature, first, G) if args.beta > 0 else None
         mb = args.mini_batch_size or N
         micro = mb // args.accumulation_steps
+        # One pass over the whole batch before any update is on-policy: the old log-probs are the
+        # new ones, detached (ratio 1), and the sampling-time forward is not needed.
+        once = args.ppo_epochs == 1 and mb == N
+        old_logps = None if once else rollout.logps
+        # Micro-batches of whole groups run each prompt once (utils.logprobs.shared_prompt_logprobs).
+        g = G if micro % G == 0 else 1
         sums = {}
         for _ in range(args.ppo_epochs):
-            order_ = torch.randperm(N) if (args.ppo_epochs > 1 or mb < N) else torch.arange(N)
+            order_ = shuffled_rows(N, g) if (args.ppo_epochs > 1 or mb < N) else torch.arange(N)
             for start in range(0, N, mb):
                 chunk = order_[start:start + mb]
                 for k in range(args.accumulation_steps):
                     idx = chunk[k * micro:(k + 1) * micro].to(run.device)
                     with run.grad_sync(k):
                         with run.autocast():
-                            logps, ent = policy_forward(run.model, seqs[idx], am[idx], args.temperature, first,
-                                                        with_entropy=True)
+                            logps, ent = grouped_token_logprobs(run.model, seqs[idx], am[idx], first, g,
+                                                                args.temperature, with_entropy=True)
                         loss, m = clipped_policy_loss(
-                            logps, rollout.logps[idx], advantages[idx], resp_mask[idx], args.epsilon,
-                            args.epsilon_high, None if ref_logps is None else ref_logps[idx], args.beta, loss_agg, G)
+                            logps, logps.detach() if once else old_logps[idx], advantages[idx], resp_mask[idx],
+                            args.epsilon, args.epsilon_high, None if ref_logps is None else ref_logps[idx], args.beta,
+                            loss_agg, G)
                         run.backward(loss * (len(idx) / mb))
                     m["loss"], m["entropy"] = loss.detach(), masked_reduce(ent, resp_mask[idx], "sum").sum() / \
                         resp_mask[idx].sum().clamp(min=1)
@@ -265,6 +273,11 @@ def make_group_step(run, order, prompts: list[dict], prompt_ids: list[list[int]]
         return metrics, int(am.sum())
 
     return one_step
+
+
+def shuffled_rows(n: int, group: int = 1) -> torch.Tensor:
+    """A random order of n rows that keeps each run of ``group`` consecutive rows together."""
+    return (torch.randperm(n // group)[:, None] * group + torch.arange(group)).reshape(-1)
 
 
 def sample_and_score(state, order, prompts: list[dict], prompt_ids: list[list[int]], engine, score, G: int):
@@ -296,11 +309,14 @@ def print_samples(step: int, row: dict, texts: list[str], rewards: torch.Tensor,
 
 
 def reference_logprobs(run, sequences: torch.Tensor, attention_mask: torch.Tensor, temperature: float,
-                       first_needed: int, chunk: int = 64) -> torch.Tensor:
-    """(N, L) log-probs of the sampled tokens under the frozen reference, ``chunk`` rows at a time."""
-    with run.reference_model() as ref, run.autocast():
-        return torch.cat([model_token_logprobs(ref, sequences[i:i + chunk], attention_mask[i:i + chunk], temperature,
-                                               first_needed) for i in range(0, sequences.shape[0], chunk)])
+                       first_needed: int, group: int = 1, chunk: int = 64) -> torch.Tensor:
+    """(N, L) log-probs of the sampled tokens under the frozen reference, about ``chunk`` rows at a
+    time; ``group`` consecutive rows share a prompt, which then runs once."""
+    chunk = max(group, chunk - chunk % group)
+    with torch.no_grad(), run.reference_model() as ref, run.autocast():
+        return torch.cat([grouped_token_logprobs(ref, sequences[i:i + chunk], attention_mask[i:i + chunk],
+                                                 first_needed, group, temperature)[0]
+                          for i in range(0, sequences.shape[0], chunk)])
 
 
 def _gather(run, values: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,14 @@ implement ``RolloutEngine.generate`` and return the same ``Rollout``.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from dataset.data import pad_batch
-from utils.logprobs import model_token_logprobs
+from model.lora import adapters_merged
+from utils.logprobs import grouped_token_logprobs
 
 
 @dataclass
@@ -24,12 +26,24 @@ class Rollout:
     sequences: torch.Tensor        # (N, T) left-padded prompt, then the response, then padding
     attention_mask: torch.Tensor   # (N, T) 1 on prompt and response tokens
     response_mask: torch.Tensor    # (N, T) 1 on response tokens up to and including the first end token
-    logps: torch.Tensor            # (N, T-1) log-prob of sequences[:, t+1] at sampling time; 0 off the response
     ended: torch.Tensor            # (N,) bool: the response closed with the end token
     texts: list[str]               # (N,) decoded responses, special tokens removed
     prompt_index: torch.Tensor     # (N,) which prompt of the batch each sample answers
     num_generations: int           # G
     prompt_len: int                # columns 0..prompt_len-1 hold the (left-padded) prompts
+    scorer: Callable | None = field(default=None, repr=False)   # scorer(rollout) -> logps, see below
+    _logps: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def logps(self) -> torch.Tensor:
+        """(N, T-1) log-prob of sequences[:, t+1] under the sampling policy; 0 off the response.
+
+        Computed by one more forward on first use, which must come before the policy's next
+        update; an on-policy single update never asks (its old log-probs are its own, detached).
+        """
+        if self._logps is None:
+            self._logps = self.scorer(self)
+        return self._logps
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -58,19 +72,21 @@ class HFRolloutEngine(RolloutEngine):
     """transformers ``generate`` with a KV cache, prompts left-padded, G samples per prompt.
 
     ``model`` is the unwrapped module (not the DDP wrapper: sampling feeds no gradient); under
-    torchrun each rank calls ``generate`` with its own prompts.
-    The sampling-time log-probs come from a second forward over the finished sequences with
-    the same function, temperature and position ids the training forward uses, so the PPO
-    ratio starts at exactly 1 (generate's own scores are after top-k/top-p filtering).
+    torchrun each rank calls ``generate`` with its own prompts. With ``merge`` the LoRA adapters
+    are folded into a temporary copy of the weights while sampling (model.lora.adapters_merged).
+    The sampling-time log-probs (``Rollout.logps``, computed when first asked for) come from a
+    second forward over the finished sequences with the same function, temperature and position
+    ids the training forward uses, so the PPO ratio starts at exactly 1 (generate's own scores
+    are after top-k/top-p filtering).
     """
 
     def __init__(self, model, tokenizer, max_gen_len: int, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0, autocast=contextlib.nullcontext, logprob_batch_size: int = 64):
+                 top_k: int = 0, autocast=contextlib.nullcontext, logprob_batch_size: int = 64, merge: bool = True):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive for sampling, got {temperature}")
         self.model, self.tokenizer = model, tokenizer
         self.max_gen_len, self.temperature, self.top_p, self.top_k = max_gen_len, temperature, top_p, top_k
-        self.autocast, self.logprob_batch_size = autocast, logprob_batch_size
+        self.autocast, self.logprob_batch_size, self.merge = autocast, logprob_batch_size, merge
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     @torch.no_grad()
@@ -82,7 +98,7 @@ class HFRolloutEngine(RolloutEngine):
         was_training = self.model.training
         self.model.eval()
         try:
-            with self.autocast():
+            with adapters_merged(self.model) if self.merge else contextlib.nullcontext(), self.autocast():
                 # num_return_sequences expands each prompt G times inside generate (grouped, in order).
                 out = self.model.generate(
                     input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=self.temperature,
@@ -101,24 +117,27 @@ class HFRolloutEngine(RolloutEngine):
         sequences = torch.cat([prompts.repeat_interleave(G, 0), responses], 1)              # (N, T)
         attention_mask = torch.cat([prompt_mask, mask], 1)
         response_mask = torch.cat([torch.zeros_like(prompt_mask), mask], 1)
-        logps = torch.cat([self._logps(sequences[i:i + self.logprob_batch_size],
-                                       attention_mask[i:i + self.logprob_batch_size],
-                                       response_mask[i:i + self.logprob_batch_size], Tp)
-                           for i in range(0, sequences.shape[0], self.logprob_batch_size)])
         texts = [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
                  for r, m in zip(responses, mask)]
         return Rollout(sequences=sequences, attention_mask=attention_mask, response_mask=response_mask,
-                       logps=logps, ended=ended, texts=texts,
+                       ended=ended, texts=texts,
                        prompt_index=torch.arange(len(prompt_ids), device=device).repeat_interleave(G),
-                       num_generations=G, prompt_len=Tp)
+                       num_generations=G, prompt_len=Tp, scorer=self.sampling_logprobs)
 
-    def _logps(self, sequences, attention_mask, response_mask, prompt_len):
+    @torch.no_grad()
+    def sampling_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """(N, T-1) log-probs of a rollout's tokens under the model as it is now, in eval mode,
+        about logprob_batch_size rows (whole groups) at a time; 0 off the response."""
+        G = rollout.num_generations
+        chunk = max(G, self.logprob_batch_size - self.logprob_batch_size % G)
         was_training = self.model.training
         self.model.eval()
         try:
             with self.autocast():
-                logps = model_token_logprobs(self.model, sequences, attention_mask, self.temperature,
-                                             first_needed=prompt_len)
+                logps = torch.cat([grouped_token_logprobs(self.model, rollout.sequences[i:i + chunk],
+                                                          rollout.attention_mask[i:i + chunk], rollout.prompt_len,
+                                                          G, self.temperature)[0]
+                                   for i in range(0, rollout.sequences.shape[0], chunk)])
         finally:
             self.model.train(was_training)
-        return logps * response_mask[:, 1:]
+        return logps * rollout.response_mask[:, 1:]
