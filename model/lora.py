@@ -218,6 +218,36 @@ def adapters_disabled(model):
             m._disable_adapters = was_disabled
 
 
+@contextlib.contextmanager
+def adapters_merged(model):
+    """Inside the block the model runs with its active LoRA adapters folded into its weights:
+    each adapted layer's weight is swapped for a new tensor W + scale * B A, and the adapter
+    branches are off; after it, the original weight tensors are back, untouched.
+
+    For sampling (no gradients): one matrix product per layer instead of three, at the cost of
+    one more copy of the adapted weights while the block runs. The outputs equal the adapted
+    model's up to rounding. A model without adapters runs as it is.
+    """
+    swapped = []
+    try:
+        with torch.no_grad():
+            for layer in model.modules():
+                if not isinstance(layer, LoraLayer) or layer.disable_adapters:
+                    continue
+                base = layer.get_base_layer()
+                merged = base.weight.detach().clone()
+                for name in layer.active_adapters:
+                    if name in layer.lora_A:
+                        merged += layer.get_delta_weight(name).to(merged.dtype)
+                swapped.append((base, base.weight))
+                base.weight = torch.nn.Parameter(merged, requires_grad=False)
+        with adapters_disabled(model):
+            yield model
+    finally:
+        for base, weight in swapped:
+            base.weight = weight
+
+
 def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

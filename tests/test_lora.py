@@ -130,3 +130,34 @@ def test_merge_lora_equals_adapted(tiny_model):
     merge_lora(model)
     assert not hasattr(model, "peft_config")
     torch.testing.assert_close(out(model, ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_merged_equals_adapted_and_restores_everything(tiny_model):
+    import copy
+    from model.lora import adapters_merged, use_adapter
+    model = apply_lora(copy.deepcopy(tiny_model[0]), rank=4, alpha=8)
+    apply_lora(model, rank=4, alpha=8, adapter_name="critic")     # a second adapter must stay out of the merge
+    perturb_lora(model)
+    ids = sample_ids()
+    adapted = out(model, ids)
+    with adapters_disabled(model):
+        base = out(model, ids)
+    weights = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    with adapters_merged(model):
+        merged = out(model, ids)
+        assert all(not p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+    assert (merged - base).abs().max() > 1e-2                      # the default adapter is in, really
+    with use_adapter(model, "critic"):
+        critic = out(model, ids)
+        with adapters_merged(model):
+            torch.testing.assert_close(out(model, ids), critic, atol=1e-5, rtol=1e-5)
+    after = dict(model.named_parameters())
+    for n, (p, value) in weights.items():                          # the same tensors, unchanged, same flags
+        assert after[n] is p and torch.equal(p, value)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        [n for n, (p, _) in weights.items() if p.requires_grad]
+    torch.testing.assert_close(out(model, ids), adapted, rtol=0, atol=0)
+    plain = copy.deepcopy(tiny_model[0])                           # no adapters: runs as it is
+    with adapters_merged(plain):
+        torch.testing.assert_close(out(plain, ids), out(tiny_model[0], ids), rtol=0, atol=0)

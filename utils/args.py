@@ -118,6 +118,9 @@ def add_rollout_args(parser: argparse.ArgumentParser, *, num_generations: int = 
                    help="sampling temperature, also applied to the training log-probs (default: %(default)s)")
     g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; 1: off (default: %(default)s)")
     g.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens; 0: off (default: %(default)s)")
+    g.add_argument("--merge_for_sampling", type=int, choices=[0, 1], default=1,
+                   help="1: sample with the LoRA adapters folded into a temporary copy of the adapted weights "
+                        "(faster; that copy is held while sampling) (default: %(default)s)")
 
 
 def add_reward_args(parser: argparse.ArgumentParser, *, reward_funcs: str = "accuracy") -> None:

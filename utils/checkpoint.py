@@ -29,7 +29,7 @@ from utils.files import atomic_file
 # Args that may change between a run and its resume without changing what is trained.
 RESUME_FREE_ARGS = {"from_resume", "device", "log_interval", "save_interval", "use_wandb", "wandb_project",
                     "num_workers", "max_steps", "epochs", "checkpoint_dir", "save_dir", "keep_checkpoints",
-                    "max_bad_steps"}
+                    "max_bad_steps", "merge_for_sampling"}
 
 
 def resume_path(checkpoint_dir: str, save_weight: str, hidden_size: int, use_moe: bool) -> str:
