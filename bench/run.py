@@ -50,8 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=8, help="pairs (dpo) or prompts (gpo/grpo) per step (default: %(default)s)")
     p.add_argument("--max_len", type=int, default=256, help="dpo: longest prompt + response (default: %(default)s)")
-    p.add_argument("--pair_len", type=int, default=0,
-                   help="dpo: join demo questions into prompts of about this many tokens (0: the demo pairs as they are)")
+    p.add_argument("--prompt_len", type=int, default=0,
+                   help="join demo questions into prompts of about this many tokens, the last one being the question "
+                        "answered (0: the demo prompts as they are)")
     p.add_argument("--num_generations", type=int, default=4, help="gpo/grpo: G (default: %(default)s)")
     p.add_argument("--max_gen_len", type=int, default=32, help="gpo/grpo: completion length (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=1, help="dpo: epochs the totals are counted over (default: %(default)s)")
@@ -64,24 +65,36 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- data
-def dpo_rows(n: int, pair_len: int, tokenizer) -> list[dict]:
-    """n preference pairs from the demo file; with pair_len, several questions joined into one
-    prompt of about pair_len tokens (the chosen / rejected answers are the last question's)."""
-    from dataset.data import load_pairs
-    pairs = load_pairs(os.path.join(ROOT, "dataset", "dpo.jsonl"))
-    rows, i = [], 0
-    while len(rows) < n:
-        p = pairs[i % len(pairs)]
-        prompt = p["prompt"][-1]["content"]
-        j = i + 1
-        while pair_len and len(tokenizer(prompt)["input_ids"]) < pair_len:
-            prompt += " " + pairs[j % len(pairs)]["prompt"][-1]["content"]
+def lengthened(rows: list[dict], n: int, prompt_len: int, tokenizer) -> list[dict]:
+    """n rows from ``rows`` (cycling); with prompt_len, each row's question comes after other
+    rows' questions, joined up to about prompt_len tokens, so its answer stays the row's own."""
+    out, i = [], 0
+    while len(out) < n:
+        row = rows[i % len(rows)]
+        prompt, j = row["prompt"][-1]["content"], i + 1
+        while prompt_len and len(tokenizer(prompt)["input_ids"]) < prompt_len:
+            prompt = rows[j % len(rows)]["prompt"][-1]["content"] + " " + prompt
             j += 1
-        rows.append({"prompt": [{"role": "user", "content": prompt}],
-                     "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                     "rejected": [{"role": "assistant", "content": p["rejected"]}]})
-        i = j
-    return rows
+        out.append({**row, "prompt": [{"role": "user", "content": prompt}]})
+        i += 1
+    return out
+
+
+def dpo_rows(n: int, prompt_len: int, tokenizer) -> list[dict]:
+    """n preference pairs from the demo file, in the conversational format both sides read."""
+    from dataset.data import load_pairs
+    pairs = [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+              "rejected": [{"role": "assistant", "content": p["rejected"]}]}
+             for p in load_pairs(os.path.join(ROOT, "dataset", "dpo.jsonl"))]
+    return lengthened(pairs, n, prompt_len, tokenizer)
+
+
+def group_rows(n: int, prompt_len: int, tokenizer) -> list[dict]:
+    """n prompts (with their answers) from the demo RL file."""
+    from dataset.data import load_prompts
+    prompts = [{"prompt": p["prompt"], "answer": p.get("answer")}
+               for p in load_prompts(os.path.join(ROOT, "dataset", "rl.jsonl"))]
+    return lengthened(prompts, n, prompt_len, tokenizer)
 
 
 def write_jsonl(rows: list[dict], path: str) -> str:
@@ -97,7 +110,8 @@ def ours_dpo(a, data: str, tmp: str):
     args = train_dpo.parse_args(["--from_weight", a.model, "--data_path", data, "--batch_size", str(a.batch_size),
                                  "--max_seq_len", str(a.max_len), "--device", a.device, "--learning_rate",
                                  str(a.learning_rate), "--epochs", "1", "--save_dir", tmp, "--checkpoint_dir", tmp,
-                                 "--precompute_ref", str(a.precompute_ref), "--dtype", "bfloat16"])
+                                 "--precompute_ref", str(a.precompute_ref), "--dtype", "bfloat16",
+                                 "--logp_reduce", "sum", "--beta", "0.1"])        # TRL's: summed log-probs
     return timed_steps(train_dpo.build(args))
 
 
@@ -120,7 +134,8 @@ def ours_group(a, data: str, tmp: str):
     args = module.parse_args(["--from_weight", a.model, "--data_path", data, "--batch_size", str(a.batch_size),
                               "--num_generations", str(a.num_generations), "--max_gen_len", str(a.max_gen_len),
                               "--device", a.device, "--learning_rate", str(a.learning_rate), "--save_dir", tmp,
-                              "--checkpoint_dir", tmp, "--dtype", "bfloat16", *extra])
+                              "--checkpoint_dir", tmp, "--dtype", "bfloat16", "--beta", "0.02",
+                              "--max_seq_len", str(max(256, 2 * a.prompt_len + a.max_gen_len)), *extra])
     return timed_steps(module.build(args))
 
 
@@ -256,17 +271,15 @@ def build_sides(a, tmp: str):
     n = a.batch_size * (a.steps + a.warmup)
     sides = {}
     if a.algo == "dpo":
-        rows = dpo_rows(n, a.pair_len, tok)
+        rows = dpo_rows(n, a.prompt_len, tok)
         data = write_jsonl(rows, os.path.join(tmp, "pairs.jsonl"))
         if a.side in (None, "ours"):
             sides["ours"] = ours_dpo(a, data, os.path.join(tmp, "ours"))
         if a.side in (None, "trl"):
             sides["trl"] = trl_dpo(a, rows, os.path.join(tmp, "trl"))
     else:
-        from dataset.data import load_prompts
-        prompts = load_prompts(os.path.join(ROOT, "dataset", "rl.jsonl"))[:n]
-        data = write_jsonl([{"prompt": p["prompt"], "answer": p.get("answer")} for p in prompts],
-                           os.path.join(tmp, "prompts.jsonl"))
+        prompts = group_rows(n, a.prompt_len, tok)
+        data = write_jsonl(prompts, os.path.join(tmp, "prompts.jsonl"))
         if a.side in (None, "ours"):
             sides["ours"] = ours_group(a, data, os.path.join(tmp, "ours"))
         if a.side in (None, "trl"):
@@ -297,18 +310,29 @@ def cpu_memory(a, side: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def matmul_params(model_dir: str) -> int:
+    """Parameters a token's forward multiplies by: every weight but the input embedding (the
+    output head counts even when its matrix is tied to the embedding), from the config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    return total - embed + (embed if getattr(cfg, "tie_word_embeddings", False) else 0)
+
+
 def mfu(a, s_per_step: float, tokens: float) -> float | None:
-    """Model FLOPs utilisation on CUDA: 6 x parameters x tokens per step (forward and backward;
-    the reference forward and sampling are not counted), over the GPU's bf16 dense peak."""
+    """Model FLOPs utilisation on CUDA: 6 x matmul parameters x tokens per step (the usual
+    forward + backward count; LoRA's cheaper backward, the reference forward and sampling are
+    not counted separately), over the GPU's dense bf16 peak."""
     import torch
     if not a.device.startswith("cuda"):
         return None
-    from transformers import AutoConfig
-    cfg = AutoConfig.from_pretrained(a.model)
-    params = 12 * cfg.num_hidden_layers * cfg.hidden_size ** 2 + cfg.vocab_size * cfg.hidden_size
-    name = torch.cuda.get_device_name()
-    peak = 989e12 if "H100" in name or "H200" in name else 312e12 if "A100" in name else None
-    return None if peak is None else 6 * params * tokens / s_per_step / peak
+    name = torch.cuda.get_device_name(torch.device(a.device))
+    peak = 989e12 if ("H100" in name or "H200" in name) else 312e12 if "A100" in name else None
+    return None if peak is None else 6 * matmul_params(a.model) * tokens / s_per_step / peak
 
 
 def compare(a) -> dict:
@@ -356,7 +380,7 @@ def precompute_seconds(a) -> float:
     from dataset.data import load_pairs, tokenize_pairs
     from transformers import AutoTokenizer
     with tempfile.TemporaryDirectory() as tmp:
-        rows = dpo_rows(a.batch_size * (a.steps + a.warmup), a.pair_len, AutoTokenizer.from_pretrained(a.model))
+        rows = dpo_rows(a.batch_size * (a.steps + a.warmup), a.prompt_len, AutoTokenizer.from_pretrained(a.model))
         data = write_jsonl(rows, os.path.join(tmp, "pairs.jsonl"))
         args = train_dpo.parse_args(["--from_weight", a.model, "--data_path", data, "--device", a.device,
                                      "--save_dir", tmp, "--checkpoint_dir", tmp, "--max_seq_len", str(a.max_len)])
@@ -387,7 +411,7 @@ def scaling(a) -> list[dict]:
     """Seconds per step and peak memory as the sequence length and the batch double."""
     rows = []
     if a.algo == "dpo":
-        grid = [("pair_len", v, ["--pair_len", str(v), "--max_len", str(2 * v + 64)]) for v in (64, 128, 256)] + \
+        grid = [("prompt_len", v, ["--prompt_len", str(v), "--max_len", str(2 * v + 64)]) for v in (64, 128, 256)] + \
                [("batch_size", v, ["--batch_size", str(v)]) for v in (4, 8, 16)]
     else:
         grid = [("max_gen_len", v, ["--max_gen_len", str(v)]) for v in (16, 32, 64)] + \
