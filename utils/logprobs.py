@@ -152,6 +152,16 @@ def grouped_token_logprobs(model, sequences: torch.Tensor, attention_mask: torch
     return torch.nn.functional.pad(logps, pad), None if ent is None else torch.nn.functional.pad(ent, pad)
 
 
+@torch.no_grad()
+def chunked_grouped_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                             group: int = 1, temperature: float = 1.0, rows: int = 64) -> torch.Tensor:
+    """grouped_token_logprobs's (N, T-1) log-probs, under no_grad, about ``rows`` rows (whole
+    groups) per forward, so scoring a large batch holds one chunk's activations at a time."""
+    rows = max(group, rows - rows % group)
+    return torch.cat([grouped_token_logprobs(model, sequences[i:i + rows], attention_mask[i:i + rows], prompt_len,
+                                             group, temperature)[0] for i in range(0, sequences.shape[0], rows)])
+
+
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """(B, T) entropy of the next-token distributions of logits (B, T, V), in nats."""
     logits = logits.float()

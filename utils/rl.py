@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.logprobs import grouped_token_logprobs, masked_reduce
+from utils.logprobs import chunked_grouped_logprobs, grouped_token_logprobs, masked_reduce
 
 ADV_EPS = 1e-4
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean")   # the user's choice in train_gpo.py
@@ -312,11 +312,8 @@ def reference_logprobs(run, sequences: torch.Tensor, attention_mask: torch.Tenso
                        first_needed: int, group: int = 1, chunk: int = 64) -> torch.Tensor:
     """(N, L) log-probs of the sampled tokens under the frozen reference, about ``chunk`` rows at a
     time; ``group`` consecutive rows share a prompt, which then runs once."""
-    chunk = max(group, chunk - chunk % group)
-    with torch.no_grad(), run.reference_model() as ref, run.autocast():
-        return torch.cat([grouped_token_logprobs(ref, sequences[i:i + chunk], attention_mask[i:i + chunk],
-                                                 first_needed, group, temperature)[0]
-                          for i in range(0, sequences.shape[0], chunk)])
+    with run.reference_model() as ref, run.autocast():
+        return chunked_grouped_logprobs(ref, sequences, attention_mask, first_needed, group, temperature, chunk)
 
 
 def _gather(run, values: torch.Tensor) -> torch.Tensor:

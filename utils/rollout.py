@@ -18,7 +18,7 @@ import torch
 
 from dataset.data import pad_batch
 from model.lora import adapters_merged
-from utils.logprobs import grouped_token_logprobs
+from utils.logprobs import chunked_grouped_logprobs
 
 
 @dataclass
@@ -128,16 +128,13 @@ class HFRolloutEngine(RolloutEngine):
     def sampling_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """(N, T-1) log-probs of a rollout's tokens under the model as it is now, in eval mode,
         about logprob_batch_size rows (whole groups) at a time; 0 off the response."""
-        G = rollout.num_generations
-        chunk = max(G, self.logprob_batch_size - self.logprob_batch_size % G)
         was_training = self.model.training
         self.model.eval()
         try:
             with self.autocast():
-                logps = torch.cat([grouped_token_logprobs(self.model, rollout.sequences[i:i + chunk],
-                                                          rollout.attention_mask[i:i + chunk], rollout.prompt_len,
-                                                          G, self.temperature)[0]
-                                   for i in range(0, rollout.sequences.shape[0], chunk)])
+                logps = chunked_grouped_logprobs(self.model, rollout.sequences, rollout.attention_mask,
+                                                 rollout.prompt_len, rollout.num_generations, self.temperature,
+                                                 self.logprob_batch_size)
         finally:
             self.model.train(was_training)
         return logps * rollout.response_mask[:, 1:]
