@@ -434,8 +434,9 @@ def main(argv=None):
     a.device = a.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     a.model = os.path.abspath(a.model)
     if not os.path.isfile(os.path.join(a.model, "config.json")):
-        sys.exit(f"error: --model {a.model}: not a Hugging Face model folder (no config.json); "
-                 f"make one with python bench/make_model.py")
+        print(f"error: --model {a.model}: not a Hugging Face model folder (no config.json); "
+              f"make one with python bench/make_model.py", file=sys.stderr)
+        sys.exit(2)                     # bad input, as the training scripts report it
     if a.side:
         print(json.dumps(memory_child(a)))
         return
