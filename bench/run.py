@@ -269,21 +269,16 @@ def build_sides(a, tmp: str):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(a.model)
     n = a.batch_size * (a.steps + a.warmup)
-    sides = {}
     if a.algo == "dpo":
-        rows = dpo_rows(n, a.prompt_len, tok)
-        data = write_jsonl(rows, os.path.join(tmp, "pairs.jsonl"))
-        if a.side in (None, "ours"):
-            sides["ours"] = ours_dpo(a, data, os.path.join(tmp, "ours"))
-        if a.side in (None, "trl"):
-            sides["trl"] = trl_dpo(a, rows, os.path.join(tmp, "trl"))
+        rows, name, ours, trl = dpo_rows(n, a.prompt_len, tok), "pairs.jsonl", ours_dpo, trl_dpo
     else:
-        prompts = group_rows(n, a.prompt_len, tok)
-        data = write_jsonl(prompts, os.path.join(tmp, "prompts.jsonl"))
-        if a.side in (None, "ours"):
-            sides["ours"] = ours_group(a, data, os.path.join(tmp, "ours"))
-        if a.side in (None, "trl"):
-            sides["trl"] = trl_grpo(a, prompts, os.path.join(tmp, "trl"))
+        rows, name, ours, trl = group_rows(n, a.prompt_len, tok), "prompts.jsonl", ours_group, trl_grpo
+    data = write_jsonl(rows, os.path.join(tmp, name))      # ours reads the file, TRL the same rows
+    sides = {}
+    if a.side in (None, "ours"):
+        sides["ours"] = ours(a, data, os.path.join(tmp, "ours"))
+    if a.side in (None, "trl"):
+        sides["trl"] = trl(a, rows, os.path.join(tmp, "trl"))
     return sides
 
 
