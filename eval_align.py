@@ -26,7 +26,7 @@ from model.value_head import RewardModel
 from utils.args import add_model_args, project_path
 from utils.errors import UserError, run_cli
 from utils.logprobs import model_sequence_logprobs
-from utils.runtime import default_device
+from utils.runtime import default_device, to_device
 
 
 def parse_args(argv=None):
@@ -58,7 +58,7 @@ def pair_accuracy(model, tokenizer, pairs: list[dict], max_seq_len: int, batch_s
     wins = 0
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, tokenizer.pad_token_id).items()}
+        batch = to_device(collate_pairs(chunk, tokenizer.pad_token_id), device)
         logps = model_sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
         n = len(chunk)
         wins += int((logps[:n] > logps[n:]).sum())

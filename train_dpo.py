@@ -15,8 +15,9 @@ the sum, so beta must be about that much larger: the default beta is 5 with mean
 
 The policy is the start weights plus LoRA adapters; the reference is the same weights with the
 adapters off (``--ref_model copy`` keeps a separate frozen copy instead). A pair's prompt runs
-once and its chosen and rejected responses continue from it together; only response tokens count. With ``--precompute_ref 1`` (the
-default when --epochs > 1) the reference log-probs are computed once before training.
+once and its chosen and rejected responses continue from it together; only response tokens
+count. With ``--precompute_ref 1`` (the default when --epochs > 1) the reference log-probs are
+computed once before training.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from utils.args import add_common_args
 from utils.errors import UserError, run_cli
 from utils.logprobs import grouped_token_logprobs, masked_reduce
 from utils.losses import DPO_LOSS_TYPES, dpo_loss
-from utils.runtime import print0
+from utils.runtime import print0, to_device
 from utils.train import DataOrder, Job, Run, supervised_job, validate_common_args
 
 DEFAULT_BETA = {"mean": 5.0, "sum": 0.1}
@@ -82,10 +83,6 @@ def pair_logprobs(model, batch: dict, reduce: str) -> tuple[torch.Tensor, torch.
     per_token, _ = grouped_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"], 2)
     logps = masked_reduce(per_token, batch["response_mask"][:, 1:], reduce)
     return logps[0::2], logps[1::2]
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()

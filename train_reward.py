@@ -21,6 +21,7 @@ from model.value_head import last_token_index, reward_model_for_training
 from utils.args import add_common_args
 from utils.errors import UserError, run_cli
 from utils.losses import reward_model_loss
+from utils.runtime import to_device
 from utils.train import DataOrder, Run, train, validate_common_args
 
 
@@ -55,7 +56,7 @@ def main(args):
     pad = run.tokenizer.pad_token_id
 
     def micro_step(indices):
-        batch = {k: v.to(run.device) for k, v in collate_pairs([items[i] for i in indices], pad).items()}
+        batch = to_device(collate_pairs([items[i] for i in indices], pad), run.device)
         with run.autocast():
             values = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])   # (2B, T)
         rewards = values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)    # (2B,)

@@ -20,7 +20,7 @@ from dataset.data import SFTDataset, collate_sft, load_sft
 from utils.args import add_common_args
 from utils.errors import run_cli
 from utils.logprobs import token_logprobs
-from utils.runtime import print0
+from utils.runtime import print0, to_device
 from utils.train import DataOrder, Run, train, validate_common_args
 
 DEMO_HIDDEN_SIZE, DEMO_LAYERS = 192, 4
@@ -62,7 +62,7 @@ def main(args):
     pad_id = run.tokenizer.pad_token_id
 
     def micro_step(indices):
-        batch = {k: v.to(run.device) for k, v in collate_sft([data[i] for i in indices], pad_id).items()}
+        batch = to_device(collate_sft([data[i] for i in indices], pad_id), run.device)
         with run.autocast():
             logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"])

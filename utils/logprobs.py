@@ -130,8 +130,10 @@ def grouped_token_logprobs(model, sequences: torch.Tensor, attention_mask: torch
     hold a left-padded prompt in columns < prompt_len and a right-padded response after it,
     ``group`` consecutive rows sharing one prompt (a rollout's G samples, DPO's pair).
 
-    With group > 1 each prompt is run once (shared_prompt_logprobs); columns that are padding in
-    every row are cut off first. Entries before the response and off the attention mask are 0.
+    With group > 1 each prompt is run once (shared_prompt_logprobs), columns that are padding in
+    every row are cut off first, and entries off the attention mask are 0; with group 1 it is
+    the plain forward (policy_forward), whose padding entries are not zeroed. Either way
+    entries before the response are 0 and callers mask by the response.
     """
     N, T = sequences.shape
     if group <= 1:

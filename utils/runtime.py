@@ -99,6 +99,11 @@ def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
     return info, dev
 
 
+def to_device(batch: dict, device) -> dict:
+    """A collated batch with its tensors moved to ``device`` (other values, e.g. lengths, as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """The process's peak memory so far, in GiB: CUDA memory allocated by tensors on a GPU, the
     resident set size (everything: libraries, weights, activations) on CPU."""
