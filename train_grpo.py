@@ -61,8 +61,9 @@ def build(args) -> Job:
     G = args.num_generations
 
     def score(rows, rollout):
-        # The sample's own log-prob at sampling time: a number, never a gradient path.
-        self_reward = masked_reduce(rollout.logps, rollout.response_mask[:, 1:], args.logp_reduce).float().cpu()
+        # The sample's own log-prob at sampling time, as the sampling forward computed it: a
+        # number, never a gradient path.
+        self_reward = masked_reduce(rollout.sampled_logps, rollout.response_mask[:, 1:], args.logp_reduce).float().cpu()
         parts = {"logp": self_reward}
         total = args.self_reward_weight * self_reward
         if external is not None:

@@ -5,7 +5,8 @@ import torch
 from dataset.data import encode_prompt, load_prompts
 from model import LMConfig, init_model
 from utils.logprobs import model_token_logprobs, token_logprobs
-from utils.rollout import HFRolloutEngine, response_mask_after_prompt
+from dataset.data import pad_batch
+from utils.rollout import HFRolloutEngine, decode, response_mask_after_prompt, token_sampler
 
 
 def test_response_mask_stops_after_the_first_end_token():
@@ -61,6 +62,8 @@ def test_logps_equal_a_training_forward(demo, temperature):
     mask = r.response_mask[:, 1:].bool()
     torch.testing.assert_close(r.logps[mask], fresh.detach()[mask], atol=1e-5, rtol=0)
     assert (r.logps[~mask] == 0).all()
+    # The sampling forward's own log-probs (merged adapters, one token at a time) agree up to rounding.
+    torch.testing.assert_close(r.sampled_logps, r.logps, atol=1e-4, rtol=0)
     # Each sample alone, without any padding, scores the same: positions follow the real tokens.
     for i in range(r.sequences.shape[0]):
         keep = r.attention_mask[i].bool()
@@ -75,7 +78,6 @@ def test_logps_equal_a_training_forward(demo, temperature):
 def test_positions_match_what_generate_used(demo):
     """generate's own raw logits for the sampled tokens equal the rescoring forward's."""
     model, tok, prompt_ids = demo
-    from dataset.data import pad_batch
     ids = pad_batch(prompt_ids, tok.pad_token_id, side="left")
     am = pad_batch([[1] * len(p) for p in prompt_ids], 0, side="left")
     torch.manual_seed(0)
@@ -120,3 +122,65 @@ def test_each_rank_samples_its_own_prompts_in_groups(tmp_path):
         assert r["prompt_index"] == [0, 0, 0, 1, 1, 1]
         for j, text in enumerate(r["prompts"]):                         # sample j answers its own prompt
             assert text == tok.decode(encode_prompt(tok, prompts[r["indices"][j // 3]]["prompt"]))
+
+
+@torch.no_grad()
+def test_decode_picks_what_generate_picks(demo):
+    """With argmax as the pick, decode's tokens (prompt shared by G rows, finished rows dropped)
+    equal generate's greedy ones over each prompt alone, until each row's end token."""
+    model, tok, _ = demo
+    prompts = [encode_prompt(tok, p["prompt"]) for p in load_prompts("dataset/heldout_rl.jsonl")[:6]]
+    ids, am = pad_batch(prompts, tok.pad_token_id, side="left"), pad_batch([[1] * len(p) for p in prompts], 0, side="left")
+    G, L = 2, 24
+    out, _ = decode(model.eval(), ids, am, G, L, tok.eos_token_id, tok.pad_token_id, pick=lambda logits: logits.argmax(-1))
+    lengths = []
+    for i, p in enumerate(prompts):
+        ref = model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=L,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        for row in out[i * G:(i + 1) * G].tolist():
+            assert row[:len(ref)] == ref and set(row[len(ref):]) <= {tok.pad_token_id}
+        lengths.append(len(ref))
+    assert out.shape[1] == max(lengths)
+    assert len(set(lengths)) > 1            # rows did finish at different steps: dropping them was exercised
+
+
+@torch.no_grad()
+def test_decode_stops_at_max_new_tokens_and_keeps_unfinished_rows(demo):
+    model, tok, prompt_ids = demo
+    ids, am = pad_batch(prompt_ids, tok.pad_token_id, side="left"), pad_batch([[1] * len(p) for p in prompt_ids], 0, side="left")
+    never_ends = lambda logits: logits.masked_fill(torch.arange(logits.shape[1]) == tok.eos_token_id, -1e9).argmax(-1)
+    out, _ = decode(model.eval(), ids, am, 3, 5, tok.eos_token_id, tok.pad_token_id, pick=never_ends)
+    assert out.shape == (9, 5) and (out != tok.pad_token_id).all() and (out != tok.eos_token_id).all()
+
+
+def draws(pick, logits, n=40000, seed=0):
+    torch.manual_seed(seed)
+    tokens = pick(logits.expand(n, -1).clone())
+    return torch.bincount(tokens, minlength=logits.shape[-1]).float() / n
+
+
+def test_token_sampler_draws_from_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    for temperature in (1.0, 0.5, 2.0):
+        freq = draws(token_sampler(temperature), logits)
+        torch.testing.assert_close(freq, torch.softmax(logits[0] / temperature, -1), atol=0.01, rtol=0)
+
+
+def test_token_sampler_top_k_and_top_p_keep_the_likeliest_tokens():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    p = torch.softmax(logits[0], -1)                       # 0.53, 0.20, 0.07, 0.03, 0.12
+    freq = draws(token_sampler(top_k=2), logits)
+    expect = torch.zeros(5)
+    expect[[0, 1]] = p[[0, 1]] / p[[0, 1]].sum()
+    torch.testing.assert_close(freq, expect, atol=0.01, rtol=0)
+    assert freq[[2, 3, 4]].sum() == 0                     # never a token outside the top k
+    freq = draws(token_sampler(top_p=0.8), logits)         # 0.53 + 0.20 < 0.8 <= + 0.12: three tokens
+    expect = torch.zeros(5)
+    expect[[0, 1, 4]] = p[[0, 1, 4]] / p[[0, 1, 4]].sum()
+    torch.testing.assert_close(freq, expect, atol=0.01, rtol=0)
+
+
+def test_token_sampler_survives_invalid_logits():
+    logits = torch.tensor([[float("nan"), 1.0, float("inf")], [float("nan")] * 3])
+    tokens = token_sampler()(logits)
+    assert tokens[0] == 2 and 0 <= tokens[1] < 3

@@ -1,4 +1,4 @@
-"""Sampling responses for PPO / GPO / GRPO: one interface, one engine on transformers' generate.
+"""Sampling responses for PPO / GPO / GRPO: one interface, one engine on the model's own forward.
 
 Shapes: P prompts, G samples per prompt, N = P*G sequences, T tokens (prompt + response).
 Samples come grouped and in order: rows g*G .. g*G+G-1 are the G samples of prompt g.
@@ -16,9 +16,12 @@ from typing import Callable
 
 import torch
 
+from transformers import DynamicCache
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
 from dataset.data import pad_batch
 from model.lora import adapters_merged
-from utils.logprobs import chunked_grouped_logprobs
+from utils.logprobs import chunked_grouped_logprobs, position_ids_from_mask
 
 
 @dataclass
@@ -32,6 +35,9 @@ class Rollout:
     num_generations: int           # G
     prompt_len: int                # columns 0..prompt_len-1 hold the (left-padded) prompts
     scorer: Callable | None = field(default=None, repr=False)   # scorer(rollout) -> logps, see below
+    # (N, T-1) as ``logps`` but from the sampling forward itself (merged weights, one token at a
+    # time, autocast): the same numbers up to rounding. Good for a reward, not for a PPO ratio.
+    sampled_logps: torch.Tensor | None = None
     _logps: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -61,6 +67,78 @@ def response_mask_after_prompt(responses: torch.Tensor, eos_id: int) -> tuple[to
     return (before == 0).long(), ended
 
 
+def token_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Callable:
+    """pick(logits (n, V)) -> next tokens (n,): a draw from softmax(logits / temperature), kept to
+    the top_k likeliest tokens (0: all) and then to the smallest set holding top_p of the
+    probability (1: all), in that order, as transformers' ``generate`` applies them.
+
+    NaN logits count as 0 and infinite ones as the largest finite value, so a diverged policy
+    still samples and its step is skipped as non-finite later (utils.train.step_optimizers)
+    instead of crashing here. The draw inverts the cumulative distribution at one uniform number
+    per row from torch's global generator (a twentieth of what torch.multinomial costs on CPU);
+    the sums run in float64, so a token of probability 0 is never picked.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive for sampling, got {temperature}")
+    warpers = ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        scores = torch.nan_to_num(logits.float(), nan=0.0) / temperature
+        for warp in warpers:
+            scores = warp(None, scores)
+        cdf = torch.softmax(scores, -1).cumsum(-1, dtype=torch.float64)             # (n, V)
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
+        picked = torch.searchsorted(cdf, u, right=True).squeeze(1)              # first i with cdf_i > u
+        return picked.clamp_(max=cdf.shape[1] - 1)                               # u == total: rounding, 1 in 2^50
+    return pick
+
+
+@torch.no_grad()
+def decode(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, num_generations: int, max_new_tokens: int,
+           eos_id: int, pad_id: int, pick: Callable, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(responses (N, L), logps (N, L)) for prompts (P, Tp) (left-padded, prompt_mask 1 on real
+    tokens), G = num_generations per prompt, N = P*G, rows g*G..g*G+G-1 answering prompt g,
+    L <= max_new_tokens; logps[i, j] = log softmax(logits / temperature) of responses[i, j].
+
+    The model's own forward with a KV cache, one token per step, ``pick`` choosing it from the
+    logits. Each prompt runs once and its keys and values are repeated for its G samples; a row
+    that has produced eos_id leaves the batch (its cache rows are dropped), so a step costs what
+    the unfinished rows cost; it stops when none is left. Everything after a row's eos_id is
+    pad_id (and its log-prob 0). Position ids follow the real tokens (attention mask cumsum), as
+    the training forward's do.
+    """
+    G, N = num_generations, prompts.shape[0] * num_generations
+    positions = position_ids_from_mask(prompt_mask)
+    cache = DynamicCache(config=model.config)
+    head = model(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(G)
+    logits = head.logits[:, -1].repeat_interleave(G, 0)                              # (N, V)
+    mask = prompt_mask.repeat_interleave(G, 0)                                       # of the rows still going
+    position = positions[:, -1:].repeat_interleave(G, 0)
+    rows = torch.arange(N, device=prompts.device)                                    # which rows are still going
+    out = torch.full((N, max_new_tokens), pad_id, dtype=prompts.dtype, device=prompts.device)
+    out_logps = torch.zeros(N, max_new_tokens, device=prompts.device)
+    steps = 0
+    for t in range(max_new_tokens):
+        tokens = pick(logits)
+        out[rows, t] = tokens
+        out_logps[rows, t] = torch.log_softmax(logits.float() / temperature, -1).gather(1, tokens[:, None]).squeeze(1)
+        steps = t + 1
+        going = tokens != eos_id
+        if t + 1 == max_new_tokens or not going.any():
+            break
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            rows, tokens, mask, position = rows[keep], tokens[keep], mask[keep], position[keep]
+            cache.batch_select_indices(keep)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        position = position + 1
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+    return out[:, :steps], out_logps[:, :steps]
+
+
 class RolloutEngine:
     """Samples G responses per prompt. Implementations return a ``Rollout``."""
 
@@ -69,21 +147,21 @@ class RolloutEngine:
 
 
 class HFRolloutEngine(RolloutEngine):
-    """transformers ``generate`` with a KV cache, prompts left-padded, G samples per prompt.
+    """The transformers model's own forward and KV cache in this process (``decode``), prompts
+    left-padded, G samples per prompt, each prompt computed once, finished rows leaving the batch.
 
     ``model`` is the unwrapped module (not the DDP wrapper: sampling feeds no gradient); under
     torchrun each rank calls ``generate`` with its own prompts. With ``merge`` the LoRA adapters
     are folded into a temporary copy of the weights while sampling (model.lora.adapters_merged).
     The sampling-time log-probs (``Rollout.logps``, computed when first asked for) come from a
     second forward over the finished sequences with the same function, temperature and position
-    ids the training forward uses, so the PPO ratio starts at exactly 1 (generate's own scores
-    are after top-k/top-p filtering).
+    ids the training forward uses, so the PPO ratio starts at exactly 1 (the decoding forward's
+    own scores are after top-k/top-p filtering, and rounded differently).
     """
 
     def __init__(self, model, tokenizer, max_gen_len: int, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, autocast=contextlib.nullcontext, logprob_batch_size: int = 64, merge: bool = True):
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive for sampling, got {temperature}")
+        self.pick = token_sampler(temperature, top_k, top_p)
         self.model, self.tokenizer = model, tokenizer
         self.max_gen_len, self.temperature, self.top_p, self.top_k = max_gen_len, temperature, top_p, top_k
         self.autocast, self.logprob_batch_size, self.merge = autocast, logprob_batch_size, merge
@@ -99,30 +177,25 @@ class HFRolloutEngine(RolloutEngine):
         self.model.eval()
         try:
             with adapters_merged(self.model) if self.merge else contextlib.nullcontext(), self.autocast():
-                # num_return_sequences expands each prompt G times inside generate (grouped, in order).
-                out = self.model.generate(
-                    input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=self.temperature,
-                    top_p=self.top_p, top_k=self.top_k, max_new_tokens=self.max_gen_len,
-                    num_return_sequences=G, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                    # a diverged policy (nan/inf logits) still samples, so its step is skipped as
-                    # non-finite (utils.train.step_optimizers) instead of crashing inside sampling
-                    remove_invalid_values=True)
+                responses, logps = decode(self.model, prompts, prompt_mask, G, self.max_gen_len, self.eos_id,
+                                          self.pad_id, self.pick, self.temperature)       # (N, L) each
         finally:
             self.model.train(was_training)
         Tp = prompts.shape[1]
-        responses = out[:, Tp:]                                                              # (N, L)
         mask, ended = response_mask_after_prompt(responses, self.eos_id)
         responses = responses.masked_fill(mask == 0, self.pad_id)
         prompt_mask = prompt_mask.repeat_interleave(G, 0)
         sequences = torch.cat([prompts.repeat_interleave(G, 0), responses], 1)              # (N, T)
         attention_mask = torch.cat([prompt_mask, mask], 1)
         response_mask = torch.cat([torch.zeros_like(prompt_mask), mask], 1)
+        # entry t of the (N, T-1) layout scores sequences[:, t+1]: the first response token is at Tp-1
+        sampled_logps = torch.cat([logps.new_zeros(len(logps), Tp - 1), logps * mask], 1)
         texts = [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
                  for r, m in zip(responses, mask)]
         return Rollout(sequences=sequences, attention_mask=attention_mask, response_mask=response_mask,
                        ended=ended, texts=texts,
                        prompt_index=torch.arange(len(prompt_ids), device=device).repeat_interleave(G),
-                       num_generations=G, prompt_len=Tp, scorer=self.sampling_logprobs)
+                       num_generations=G, prompt_len=Tp, scorer=self.sampling_logprobs, sampled_logps=sampled_logps)
 
     @torch.no_grad()
     def sampling_logprobs(self, rollout: Rollout) -> torch.Tensor:
