@@ -126,9 +126,10 @@ def decode(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, num_generati
         out_logps[rows, t] = torch.log_softmax(logits.float() / temperature, -1).gather(1, tokens[:, None]).squeeze(1)
         steps = t + 1
         going = tokens != eos_id
-        if t + 1 == max_new_tokens or not going.any():
+        n_going = int(going.sum())                                               # the one host sync of a step
+        if t + 1 == max_new_tokens or n_going == 0:
             break
-        if not going.all():
+        if n_going < len(going):
             keep = going.nonzero().squeeze(1)
             rows, tokens, mask, position = rows[keep], tokens[keep], mask[keep], position[keep]
             cache.batch_select_indices(keep)
