@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-
 from transformers import DynamicCache
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
@@ -126,7 +125,7 @@ def decode(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, num_generati
         out_logps[rows, t] = torch.log_softmax(logits.float() / temperature, -1).gather(1, tokens[:, None]).squeeze(1)
         steps = t + 1
         going = tokens != eos_id
-        n_going = int(going.sum())                                               # the one host sync of a step
+        n_going = int(going.sum())                          # a step's host sync (one more when rows finish)
         if t + 1 == max_new_tokens or n_going == 0:
             break
         if n_going < len(going):
@@ -183,14 +182,13 @@ class HFRolloutEngine(RolloutEngine):
         finally:
             self.model.train(was_training)
         Tp = prompts.shape[1]
-        mask, ended = response_mask_after_prompt(responses, self.eos_id)
-        responses = responses.masked_fill(mask == 0, self.pad_id)
+        mask, ended = response_mask_after_prompt(responses, self.eos_id)            # decode padded after the end
         prompt_mask = prompt_mask.repeat_interleave(G, 0)
         sequences = torch.cat([prompts.repeat_interleave(G, 0), responses], 1)              # (N, T)
         attention_mask = torch.cat([prompt_mask, mask], 1)
         response_mask = torch.cat([torch.zeros_like(prompt_mask), mask], 1)
         # entry t of the (N, T-1) layout scores sequences[:, t+1]: the first response token is at Tp-1
-        sampled_logps = torch.cat([logps.new_zeros(len(logps), Tp - 1), logps * mask], 1)
+        sampled_logps = torch.cat([logps.new_zeros(len(logps), Tp - 1), logps], 1)
         texts = [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
                  for r, m in zip(responses, mask)]
         return Rollout(sequences=sequences, attention_mask=attention_mask, response_mask=response_mask,
