@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 from dataset.answers import is_correct
-from dataset.data import collate_pairs, encode_pairs, encode_prompt, load_pairs, load_prompts, pad_batch
+from dataset.data import collate_pairs, encode_pairs, encode_prompt, load_pairs, load_prompts, pad_with_mask
 from model.loading import load_for_inference
 from model.value_head import RewardModel
 from utils.args import add_model_args, project_path
@@ -83,8 +83,7 @@ def greedy_responses(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     for start in range(0, len(prompts), batch_size):
         encoded = [encode_prompt(tokenizer, m) for m in prompts[start:start + batch_size]]
-        input_ids = pad_batch(encoded, pad, side="left").to(device)
-        attention_mask = pad_batch([[1] * len(e) for e in encoded], 0, side="left").to(device)
+        input_ids, attention_mask = (t.to(device) for t in pad_with_mask(encoded, pad, side="left"))
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=eos, pad_token_id=pad)
         for row in out[:, input_ids.shape[1]:].tolist():

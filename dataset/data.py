@@ -219,6 +219,11 @@ def pad_batch(seqs: list[list[int]], pad_value: int, side: str = "right") -> tor
     return out
 
 
+def pad_with_mask(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T), mask (B, T)): the sequences padded to the longest one, and 1 on their real tokens."""
+    return pad_batch(seqs, pad_id, side), pad_batch([[1] * len(s) for s in seqs], 0, side)
+
+
 class SFTDataset(torch.utils.data.Dataset):
     """Tokenized conversations; ``skipped`` counts those too long for ``max_len``."""
 
@@ -240,10 +245,10 @@ class SFTDataset(torch.utils.data.Dataset):
 
 def collate_sft(batch, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input_ids (B, T), attention_mask (B, T) and loss_mask (B, T)."""
-    ids = [b[0] for b in batch]
+    input_ids, attention_mask = pad_with_mask([b[0] for b in batch], pad_id)
     return {
-        "input_ids": pad_batch(ids, pad_id),
-        "attention_mask": pad_batch([[1] * len(s) for s in ids], 0),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
         "loss_mask": pad_batch([b[1] for b in batch], 0),
     }
 
@@ -292,9 +297,10 @@ def collate_pairs(items, pad_id: int) -> dict[str, torch.Tensor]:
     """
     seqs = [p + c for p, c, _ in items] + [p + r for p, _, r in items]
     masks = [[0] * len(p) + [1] * len(c) for p, c, _ in items] + [[0] * len(p) + [1] * len(r) for p, _, r in items]
+    input_ids, attention_mask = pad_with_mask(seqs, pad_id)
     return {
-        "input_ids": pad_batch(seqs, pad_id),
-        "attention_mask": pad_batch([[1] * len(s) for s in seqs], 0),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
         "response_mask": pad_batch(masks, 0),
     }
 
@@ -310,10 +316,8 @@ def collate_pair_groups(items, pad_id: int) -> dict:
     """
     prompts = [p for p, _, _ in items for _ in range(2)]
     responses = [r for _, c, rj in items for r in (c, rj)]
-    prompt_ids = pad_batch(prompts, pad_id, side="left")
-    prompt_mask = pad_batch([[1] * len(p) for p in prompts], 0, side="left")
-    response_ids = pad_batch(responses, pad_id)
-    response_mask = pad_batch([[1] * len(r) for r in responses], 0)
+    prompt_ids, prompt_mask = pad_with_mask(prompts, pad_id, side="left")
+    response_ids, response_mask = pad_with_mask(responses, pad_id)
     return {
         "input_ids": torch.cat([prompt_ids, response_ids], 1),
         "attention_mask": torch.cat([prompt_mask, response_mask], 1),

@@ -16,7 +16,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from dataset.data import encode_prompt, encode_response, pad_batch
+from dataset.data import encode_prompt, encode_response, pad_with_mask
 from model.config import LMConfig
 from model.strict import key_mismatch
 from utils.errors import UserError
@@ -197,8 +197,7 @@ class RewardModel:
 
     @torch.no_grad()
     def score_ids(self, seqs: list[list[int]]) -> torch.Tensor:
-        input_ids = pad_batch(seqs, self.tokenizer.pad_token_id).to(self.device)        # right-padded
-        attention_mask = pad_batch([[1] * len(s) for s in seqs], 0).to(self.device)
+        input_ids, attention_mask = (t.to(self.device) for t in pad_with_mask(seqs, self.tokenizer.pad_token_id))
         if self.kind == "value_head":
             was_training = self.model.training
             self.model.eval()

@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-from dataset.data import encode_prompt, load_prompts
+from dataset.data import encode_prompt, load_prompts, pad_with_mask
 from model import LMConfig, init_model
 from utils.logprobs import model_token_logprobs, token_logprobs
-from dataset.data import pad_batch
 from utils.rollout import HFRolloutEngine, decode, response_mask_after_prompt, token_sampler
 
 
@@ -78,8 +77,7 @@ def test_logps_equal_a_training_forward(demo, temperature):
 def test_positions_match_what_generate_used(demo):
     """generate's own raw logits for the sampled tokens equal the rescoring forward's."""
     model, tok, prompt_ids = demo
-    ids = pad_batch(prompt_ids, tok.pad_token_id, side="left")
-    am = pad_batch([[1] * len(p) for p in prompt_ids], 0, side="left")
+    ids, am = pad_with_mask(prompt_ids, tok.pad_token_id, side="left")
     torch.manual_seed(0)
     out = model.generate(input_ids=ids, attention_mask=am, do_sample=True, max_new_tokens=6, top_k=0,
                          output_logits=True, return_dict_in_generate=True, eos_token_id=-1, pad_token_id=0)
@@ -130,7 +128,7 @@ def test_decode_picks_what_generate_picks(demo):
     equal generate's greedy ones over each prompt alone, until each row's end token."""
     model, tok, _ = demo
     prompts = [encode_prompt(tok, p["prompt"]) for p in load_prompts("dataset/heldout_rl.jsonl")[:6]]
-    ids, am = pad_batch(prompts, tok.pad_token_id, side="left"), pad_batch([[1] * len(p) for p in prompts], 0, side="left")
+    ids, am = pad_with_mask(prompts, tok.pad_token_id, side="left")
     G, L = 2, 24
     out, _ = decode(model.eval(), ids, am, G, L, tok.eos_token_id, tok.pad_token_id, pick=lambda logits: logits.argmax(-1))
     lengths = []
@@ -147,7 +145,7 @@ def test_decode_picks_what_generate_picks(demo):
 @torch.no_grad()
 def test_decode_stops_at_max_new_tokens_and_keeps_unfinished_rows(demo):
     model, tok, prompt_ids = demo
-    ids, am = pad_batch(prompt_ids, tok.pad_token_id, side="left"), pad_batch([[1] * len(p) for p in prompt_ids], 0, side="left")
+    ids, am = pad_with_mask(prompt_ids, tok.pad_token_id, side="left")
     never_ends = lambda logits: logits.masked_fill(torch.arange(logits.shape[1]) == tok.eos_token_id, -1e9).argmax(-1)
     out, _ = decode(model.eval(), ids, am, 3, 5, tok.eos_token_id, tok.pad_token_id, pick=never_ends)
     assert out.shape == (9, 5) and (out != tok.pad_token_id).all() and (out != tok.eos_token_id).all()

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from dataset.data import collate_pair_groups, collate_pairs, pad_batch
+from dataset.data import collate_pair_groups, collate_pairs, pad_with_mask
 from model.lora import apply_lora
 from utils.logprobs import (grouped_token_logprobs, model_sequence_logprobs, model_token_logprobs, policy_forward,
                             shared_prompt_logprobs)
@@ -31,9 +31,8 @@ def rollout_rows(G: int, pad: int):
     different lengths, right-padded; rows grouped by prompt."""
     prompts = [[1, 50, 60, 61, 62], [1, 51], [1, 52, 63]]
     responses = [[70 + i, 80 + j, 90, 2][: 1 + (i + j) % 4] for i in range(len(prompts)) for j in range(G)]
-    p = pad_batch(prompts, pad, side="left").repeat_interleave(G, 0)
-    pm = pad_batch([[1] * len(x) for x in prompts], 0, side="left").repeat_interleave(G, 0)
-    r, rm = pad_batch(responses, pad), pad_batch([[1] * len(x) for x in responses], 0)
+    p, pm = (t.repeat_interleave(G, 0) for t in pad_with_mask(prompts, pad, side="left"))
+    r, rm = pad_with_mask(responses, pad)
     seqs, am = torch.cat([p, r], 1), torch.cat([pm, rm], 1)
     return seqs, am, torch.cat([torch.zeros_like(pm), rm], 1), p.shape[1]
 

@@ -86,6 +86,17 @@ def model_sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torc
     return masked_reduce(per_token, response_mask[:, 1:], reduce)
 
 
+def prompt_prefill(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, G: int):
+    """(logits (P*G, 1, V), cache): each prompt (P, Tp, left-padded) run once, the logits of the
+    token after it and its keys and values repeated G times, in order (rows g*G..g*G+G-1 for
+    prompt g), for G continuations to attend to."""
+    head = model(input_ids=prompts, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                 use_cache=True, logits_to_keep=1)
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(G)
+    return head.logits.repeat_interleave(G, 0), cache
+
+
 def shared_prompt_logprobs(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor,
                            response_mask: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
     """(logps (N, Lr), entropy (N, Lr) or None) of response tokens, each prompt run once for all
@@ -106,12 +117,8 @@ def shared_prompt_logprobs(model, prompts: torch.Tensor, prompt_mask: torch.Tens
     if P == 0 or N % P:
         raise ValueError(f"{N} responses are not a whole number of continuations of {P} prompts")
     G = N // P
-    head = model(input_ids=prompts, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                 use_cache=True, logits_to_keep=1)
-    logits = head.logits.repeat_interleave(G, 0)                                  # (N, 1, V): first response token
+    logits, cache = prompt_prefill(model, prompts, prompt_mask, G)               # (N, 1, V): first response token
     if Lr > 1:
-        cache = head.past_key_values
-        cache.batch_repeat_interleave(G)
         mask = torch.cat([prompt_mask.repeat_interleave(G, 0), response_mask], 1)[:, :-1]       # (N, Tp+Lr-1)
         rest = model(input_ids=responses[:, :-1], attention_mask=mask,
                      position_ids=position_ids_from_mask(mask)[:, Tp:], past_key_values=cache, use_cache=True)

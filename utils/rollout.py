@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from dataset.data import pad_batch
+from dataset.data import pad_with_mask
 from model.lora import adapters_merged
-from utils.logprobs import chunked_grouped_logprobs, position_ids_from_mask
+from utils.logprobs import chunked_grouped_logprobs, position_ids_from_mask, prompt_prefill
 
 
 @dataclass
@@ -107,14 +106,10 @@ def decode(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, num_generati
     the training forward's do.
     """
     G, N = num_generations, prompts.shape[0] * num_generations
-    positions = position_ids_from_mask(prompt_mask)
-    cache = DynamicCache(config=model.config)
-    head = model(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, past_key_values=cache,
-                 use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(G)
-    logits = head.logits[:, -1].repeat_interleave(G, 0)                              # (N, V)
+    logits, cache = prompt_prefill(model, prompts, prompt_mask, G)
+    logits = logits[:, -1]                                                           # (N, V)
     mask = prompt_mask.repeat_interleave(G, 0)                                       # of the rows still going
-    position = positions[:, -1:].repeat_interleave(G, 0)
+    position = position_ids_from_mask(prompt_mask)[:, -1:].repeat_interleave(G, 0)
     rows = torch.arange(N, device=prompts.device)                                    # which rows are still going
     out = torch.full((N, max_new_tokens), pad_id, dtype=prompts.dtype, device=prompts.device)
     out_logps = torch.zeros(N, max_new_tokens, device=prompts.device)
@@ -171,8 +166,7 @@ class HFRolloutEngine(RolloutEngine):
     def generate(self, prompt_ids: list[list[int]], num_generations: int) -> Rollout:
         device = next(self.model.parameters()).device
         G = num_generations
-        prompts = pad_batch(prompt_ids, self.pad_id, side="left").to(device)                   # (P, Tp)
-        prompt_mask = pad_batch([[1] * len(p) for p in prompt_ids], 0, side="left").to(device)
+        prompts, prompt_mask = (t.to(device) for t in pad_with_mask(prompt_ids, self.pad_id, side="left"))  # (P, Tp)
         was_training = self.model.training
         self.model.eval()
         try:
