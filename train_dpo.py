@@ -79,7 +79,7 @@ def validate_dpo_args(args) -> None:
 
 def pair_logprobs(model, batch: dict, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) sequence log-probs, each (B,), of a dataset.data.collate_pair_groups
-    batch: each pair's prompt runs once, then its two responses together."""
+    batch: each pair runs as its prompt, then its two responses, the prompt once (grouped_token_logprobs)."""
     per_token, _ = grouped_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"], 2)
     logps = masked_reduce(per_token, batch["response_mask"][:, 1:], reduce)
     return logps[0::2], logps[1::2]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from utils.packing import pack_groups
+
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(x_t | x_<t) for t = 1..T-1.
@@ -131,16 +133,59 @@ def shared_prompt_logprobs(model, prompts: torch.Tensor, prompt_mask: torch.Tens
         return logps, token_entropy(logits / temperature) * keep
 
 
+def packed_prompt_logprobs(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor,
+                           response_mask: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
+    """shared_prompt_logprobs's (logps (N, Lr), entropy or None), in one forward: each group
+    (a prompt and its G responses) packed into a row beside other groups, with a tree-shaped
+    attention mask (utils.packing.pack_groups), and the output head run only on the positions
+    that predict a response token. Needs an attention that takes a 4D mask (sdpa, eager)."""
+    packed = pack_groups(prompts, prompt_mask, responses, response_mask)
+    mask = packed.attention_mask
+    if _lm_module(model).config._attn_implementation == "eager":        # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    picked = packed.predictors
+
+    def head_on_predictors(module, args):  # (R, L, H) -> (1, K, H): the head sees only the positions it is needed at
+        return (args[0].flatten(0, 1)[picked].unsqueeze(0), *args[1:])
+    handle = _lm_module(model).get_output_embeddings().register_forward_pre_hook(head_on_predictors)
+    try:
+        logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                       logits_to_keep=0).logits
+    finally:
+        handle.remove()
+    if logits.shape[:2] != (1, picked.numel()):          # a model whose head is not a module call: pick here
+        logits = logits.flatten(0, 1)[picked].unsqueeze(0)
+    logits = logits[0]                                                                 # (K, V)
+    logps = responses.new_zeros(responses.shape, dtype=torch.float32)
+    logps[packed.rows, packed.cols] = target_logprobs(logits, packed.targets, temperature)
+    if not with_entropy:
+        return logps, None
+    with torch.no_grad():
+        ent = torch.zeros_like(logps)
+        ent[packed.rows, packed.cols] = token_entropy(logits / temperature)
+    return logps, ent
+
+
+def takes_tree_mask(model) -> bool:
+    """Whether the model's attention takes a custom 4D mask (sdpa and eager do; flash-attention
+    kernels take only padding masks)."""
+    return _lm_module(model).config._attn_implementation in ("sdpa", "eager")
+
+
 def grouped_token_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                           group: int = 1, temperature: float = 1.0, with_entropy: bool = False):
+                           group: int = 1, temperature: float = 1.0, with_entropy: bool = False,
+                           packed: bool | None = None):
     """(logps (N, T-1), entropy (N, T-1) or None) in model_token_logprobs's layout, for rows that
     hold a left-padded prompt in columns < prompt_len and a right-padded response after it,
     ``group`` consecutive rows sharing one prompt (a rollout's G samples, DPO's pair).
 
-    With group > 1 each prompt is run once (shared_prompt_logprobs), columns that are padding in
-    every row are cut off first, and entries off the attention mask are 0; with group 1 it is
-    the plain forward (policy_forward), whose padding entries are not zeroed. Either way
-    entries before the response are 0 and callers mask by the response.
+    With group > 1 each prompt is run once, columns that are padding in every row are cut off
+    first, and entries off the attention mask are 0: packed into rows with a tree-shaped mask
+    (packed_prompt_logprobs, one forward) where the attention takes one (``packed`` None: ask
+    the model; True or False to choose), else the prompt first and the responses against its
+    keys and values (shared_prompt_logprobs). With group 1 it is the plain forward
+    (policy_forward), whose padding entries are not zeroed. Either way entries before the
+    response are 0 and callers mask by the response.
     """
     N, T = sequences.shape
     if group <= 1:
@@ -154,9 +199,9 @@ def grouped_token_logprobs(model, sequences: torch.Tensor, attention_mask: torch
     start = int(prompt_mask.any(0).int().argmax())                              # left padding every prompt has
     filled = attention_mask[:, prompt_len:].any(0).nonzero()
     end = prompt_len + (int(filled.max()) + 1 if filled.numel() else 1)       # right padding every response has
-    logps, ent = shared_prompt_logprobs(model, sequences[::group, start:prompt_len], prompt_mask[:, start:],
-                                        sequences[:, prompt_len:end], attention_mask[:, prompt_len:end],
-                                        temperature, with_entropy)
+    forward = packed_prompt_logprobs if (takes_tree_mask(model) if packed is None else packed) else shared_prompt_logprobs
+    logps, ent = forward(model, sequences[::group, start:prompt_len], prompt_mask[:, start:],
+                         sequences[:, prompt_len:end], attention_mask[:, prompt_len:end], temperature, with_entropy)
     pad = (prompt_len - 1, T - end)                                             # back to (N, T-1)
     return torch.nn.functional.pad(logps, pad), None if ent is None else torch.nn.functional.pad(ent, pad)
 

@@ -240,7 +240,7 @@ def make_group_step(run, order, prompts: list[dict], prompt_ids: list[list[int]]
         # new ones, detached (ratio 1), and the sampling-time forward is not needed.
         once = args.ppo_epochs == 1 and mb == N
         old_logps = None if once else rollout.logps
-        # Micro-batches of whole groups run each prompt once (utils.logprobs.shared_prompt_logprobs).
+        # Micro-batches of whole groups run each prompt once (utils.logprobs.grouped_token_logprobs).
         g = G if micro % G == 0 else 1
         sums = {}
         for _ in range(args.ppo_epochs):
