@@ -179,8 +179,9 @@ def test_one_token_responses_and_bad_groups(adapted):
     torch.testing.assert_close(packed, logps, atol=1e-5, rtol=0)
     plain = model_token_logprobs(model, torch.cat([prompts.repeat(2, 1), r], 1), torch.ones(2, 4, dtype=torch.long))
     torch.testing.assert_close(logps[:, 0], plain[:, -1], atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="whole number"):
-        shared_prompt_logprobs(model, prompts.repeat(2, 1), pm.repeat(2, 1), r[:1].repeat(3, 1), rm[:1].repeat(3, 1))
+    for forward in (shared_prompt_logprobs, packed_prompt_logprobs):
+        with pytest.raises(ValueError, match="whole number"):
+            forward(model, prompts.repeat(2, 1), pm.repeat(2, 1), r[:1].repeat(3, 1), rm[:1].repeat(3, 1))
     seqs, am, _, first = rollout_rows(2, tok.pad_token_id)
     with pytest.raises(ValueError, match="share"):            # rows 1 and 2 answer different prompts
         grouped_token_logprobs(model, seqs[1:5], am[1:5], first, 2)

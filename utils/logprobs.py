@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.packing import pack_groups
+from utils.packing import group_size, pack_groups
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -115,10 +115,8 @@ def shared_prompt_logprobs(model, prompts: torch.Tensor, prompt_mask: torch.Tens
     Gradients flow through both forwards. Needs a model that takes ``past_key_values`` (every
     transformers causal LM does).
     """
-    P, N, Tp, Lr = prompts.shape[0], responses.shape[0], prompts.shape[1], responses.shape[1]
-    if P == 0 or N % P:
-        raise ValueError(f"{N} responses are not a whole number of continuations of {P} prompts")
-    G = N // P
+    Tp, Lr = prompts.shape[1], responses.shape[1]
+    G = group_size(prompts.shape[0], responses.shape[0])
     logits, cache = prompt_prefill(model, prompts, prompt_mask, G)               # (N, 1, V): first response token
     if Lr > 1:
         mask = torch.cat([prompt_mask.repeat_interleave(G, 0), response_mask], 1)[:, :-1]       # (N, Tp+Lr-1)

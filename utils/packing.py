@@ -28,6 +28,13 @@ class PackedGroups:
     cols: torch.Tensor            # (K,) ... and its column there
 
 
+def group_size(prompts: int, responses: int) -> int:
+    """G for ``responses`` rows continuing ``prompts`` prompts, G each."""
+    if prompts == 0 or responses % prompts:
+        raise ValueError(f"{responses} responses are not a whole number of continuations of {prompts} prompts")
+    return responses // prompts
+
+
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     """Indices of ``lengths`` put into bins of ``capacity`` (first fit, longest first); an item
     longer than the capacity gets a bin of its own."""
@@ -51,10 +58,7 @@ def pack_groups(prompts: torch.Tensor, prompt_mask: torch.Tensor, responses: tor
     mask marks, in order (left padding or none), and so are a response's; position ids count
     them from 0 over prompt then response, as ``position_ids_from_mask`` counts the plain rows.
     Needs every prompt to have at least one token; responses may be empty."""
-    P, N = prompts.shape[0], responses.shape[0]
-    if P == 0 or N % P:
-        raise ValueError(f"{N} responses are not a whole number of continuations of {P} prompts")
-    G = N // P
+    P, G = prompts.shape[0], group_size(prompts.shape[0], responses.shape[0])
     device = prompts.device
     pm, rm = prompt_mask.bool().cpu(), response_mask.bool().cpu()
     plen, rlen = pm.sum(1), rm.sum(1).view(P, G)
