@@ -137,15 +137,15 @@ def packed_prompt_logprobs(model, prompts: torch.Tensor, prompt_mask: torch.Tens
     (a prompt and its G responses) packed into a row beside other groups, with a tree-shaped
     attention mask (utils.packing.pack_groups), and the output head run only on the positions
     that predict a response token. Needs an attention that takes a 4D mask (sdpa, eager)."""
-    packed = pack_groups(prompts, prompt_mask, responses, response_mask)
+    packed, lm = pack_groups(prompts, prompt_mask, responses, response_mask), _lm_module(model)
     mask = packed.attention_mask
-    if _lm_module(model).config._attn_implementation == "eager":        # eager adds the mask to the scores
+    if lm.config._attn_implementation == "eager":                      # eager adds the mask to the scores
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
     picked = packed.predictors
 
     def head_on_predictors(module, args):  # (R, L, H) -> (1, K, H): the head sees only the positions it is needed at
         return (args[0].flatten(0, 1)[picked].unsqueeze(0), *args[1:])
-    handle = _lm_module(model).get_output_embeddings().register_forward_pre_hook(head_on_predictors)
+    handle = lm.get_output_embeddings().register_forward_pre_hook(head_on_predictors)
     try:
         logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
                        logits_to_keep=0).logits

@@ -21,7 +21,7 @@ ROW_TOKENS = 128      # a packed row holds groups up to this many tokens (or the
 class PackedGroups:
     input_ids: torch.Tensor       # (R, L) the packed tokens, 0 in the padding
     position_ids: torch.Tensor    # (R, L) each token's position in its own prompt + response
-    attention_mask: torch.Tensor  # (R, 1, L, L) bool, True where a query (row 2) may see a key (row 3)
+    attention_mask: torch.Tensor  # (R, 1, L, L) bool, True where a query (dim 2) may see a key (dim 3)
     predictors: torch.Tensor      # (K,) index into the flattened (R*L) rows of the token that predicts each target
     targets: torch.Tensor         # (K,) the response tokens
     rows: torch.Tensor            # (K,) each target's row in the (N, Lr) responses ...
