@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from dataset.data import encode_prompt
+from dataset.data import encode_prompt, stop_ids
 from model.loading import load_for_inference
 from utils.args import add_model_args
 from utils.errors import UserError, run_cli
@@ -62,7 +62,7 @@ class Chat:
             if self.args.temperature > 0 else dict(do_sample=False)
         output = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.args.max_new_tokens,
                                      streamer=streamer, pad_token_id=self.tokenizer.pad_token_id,
-                                     eos_token_id=self.tokenizer.eos_token_id, **sampling)
+                                     eos_token_id=stop_ids(self.tokenizer), **sampling)
         answer = self.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
         if self.args.history:
             self.messages = turn + [{"role": "assistant", "content": answer}]

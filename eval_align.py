@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 from dataset.answers import is_correct
-from dataset.data import collate_pairs, encode_pairs, encode_prompt, load_pairs, load_prompts, pad_with_mask
+from dataset.data import collate_pairs, encode_pairs, encode_prompt, load_pairs, load_prompts, pad_with_mask, stop_ids
 from model.loading import load_for_inference
 from model.value_head import RewardModel
 from utils.args import add_model_args, project_path
@@ -80,14 +80,14 @@ def rm_pair_accuracy(reward_model, pairs: list[dict], max_seq_len: int) -> tuple
 def greedy_responses(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int, device):
     """(texts, lengths in tokens) of greedy responses, end token included in the length."""
     texts, lengths = [], []
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stops, pad = stop_ids(tokenizer), tokenizer.pad_token_id        # the turn end, eos, the model's own
     for start in range(0, len(prompts), batch_size):
         encoded = [encode_prompt(tokenizer, m) for m in prompts[start:start + batch_size]]
         input_ids, attention_mask = (t.to(device) for t in pad_with_mask(encoded, pad, side="left"))
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=eos, pad_token_id=pad)
+                             do_sample=False, eos_token_id=stops, pad_token_id=pad)
         for row in out[:, input_ids.shape[1]:].tolist():
-            n = row.index(eos) + 1 if eos in row else len(row)
+            n = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
             texts.append(tokenizer.decode(row[:n], skip_special_tokens=True))
             lengths.append(n)
     return texts, lengths

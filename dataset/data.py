@@ -9,8 +9,9 @@ Formats (JSON lines):
                  every other field (e.g. "answer") is kept for reward functions and evaluation
 
 A bad line stops the run before training with ``file:line: reason``. Tokenization follows the
-tokenizer's chat template: a response is the assistant text followed by the end-of-turn token,
-tokenized on its own after the generation prompt, exactly as generation produces it.
+tokenizer's chat template: a response is the assistant text as tokenized after the generation
+prompt, followed by the template's own end-of-turn token (``find_turn_end``), exactly as
+generation produces it; what the template writes after that token (a newline) is not part of it.
 """
 from __future__ import annotations
 
@@ -169,13 +170,68 @@ def load_prompts(path: str) -> list[dict]:
 # ----------------------------------------------------------------------------- tokenizing
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of the chat-rendered prompt, ending with the opening of an assistant turn."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
 
-def encode_response(tokenizer, text: str) -> list[int]:
-    """Token ids of an assistant response, closed by the end-of-turn (eos) token."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+PROBE = "\u2063MINIALIGN\u2063"          # an assistant turn's content, to find what the template puts after it
+
+
+def find_turn_end(tokenizer) -> str:
+    """The token that ends an assistant turn in the tokenizer's chat template: the first special
+    token the template writes after an assistant message's content (``<|im_end|>`` for ChatML,
+    ``<|eot_id|>`` for Llama 3, ``<end_of_turn>`` for Gemma, ``<|end|>`` for Phi-3, ``</s>`` for
+    Mistral), else the tokenizer's eos token."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE}],
+                                             tokenize=False)
+    except Exception:  # a template that refuses this exchange: nothing to read
+        return tokenizer.eos_token
+    if PROBE not in text:
+        return tokenizer.eos_token
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    after = tokenizer(text.split(PROBE, 1)[1], add_special_tokens=False)["input_ids"]
+    return next((tokenizer.convert_ids_to_tokens(i) for i in after if i in special), tokenizer.eos_token)
+
+
+def turn_end_id(tokenizer) -> int:
+    """The id of the token that closes an assistant turn: the one ``init_model`` recorded
+    (``--eos_token``, or read off the chat template), else ``find_turn_end``'s."""
+    if getattr(tokenizer, "turn_end_id", None) is None:
+        tokenizer.turn_end_id = tokenizer.convert_tokens_to_ids(find_turn_end(tokenizer))
+    return tokenizer.turn_end_id
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Every token that ends a response: the turn end, the tokenizer's eos and the model's own
+    stop list (``generation_config.eos_token_id``), as ``init_model`` recorded them."""
+    recorded = getattr(tokenizer, "stop_ids", None)
+    return list(recorded) if recorded else list(dict.fromkeys(
+        i for i in (turn_end_id(tokenizer), tokenizer.eos_token_id) if i is not None))
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The chat-rendered prompt, ending with the opening of an assistant turn."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_response(tokenizer, text: str, prompt_text: str = "") -> list[int]:
+    """Token ids of an assistant response, closed by the end-of-turn token: the ids the content
+    has when tokenized right after ``prompt_text`` (the rendered prompt), as the model produces
+    it and as ``tokenizer(prompt_text + text)`` splits it, where the prompt's own ids stay a
+    prefix of that; else the content tokenized alone."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if prompt_text:
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        whole = tokenizer(prompt_text + text, add_special_tokens=False)["input_ids"]
+        if whole[:len(prompt_ids)] == prompt_ids:
+            ids = whole[len(prompt_ids):]
+    return ids + [turn_end_id(tokenizer)]
+
+
+def encode_exchange(tokenizer, messages: list[dict], text: str) -> list[int]:
+    """Token ids of a prompt (messages) and its response ``text``, closed by the turn end."""
+    prompt_text = render_prompt(tokenizer, messages)
+    return tokenizer(prompt_text, add_special_tokens=False)["input_ids"] + encode_response(tokenizer, text, prompt_text)
 
 
 def fit(prompt_ids: list[int], response_ids: list[int], max_len: int, min_prompt: int = 1):
@@ -195,12 +251,13 @@ def encode_conversation(tokenizer, messages: list[dict], max_len: int):
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = encode_prompt(tokenizer, messages[:i])
+        prompt_text = render_prompt(tokenizer, messages[:i])
+        prefix = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         if prefix[: len(ids)] == ids:      # the usual case: the template extends what we have
             mask += [0] * (len(prefix) - len(ids))
         else:                              # a template that re-renders earlier turns: context only
             mask = [0] * len(prefix)
-        resp = encode_response(tokenizer, m["content"])
+        resp = encode_response(tokenizer, m["content"], prompt_text)
         ids, mask = prefix + resp, mask + [1] * len(resp)
     if len(resp) >= max_len:  # the last response (conversations end with one) cannot fit
         return None
@@ -256,8 +313,9 @@ def collate_sft(batch, pad_id: int) -> dict[str, torch.Tensor]:
 def encode_pair(pair: dict, tokenizer, max_len: int):
     """(prompt_ids, chosen_ids, rejected_ids) of one pair, the prompt cut from the left so that
     both responses fit; None when they cannot."""
-    prompt = encode_prompt(tokenizer, pair["prompt"])
-    chosen, rejected = encode_response(tokenizer, pair["chosen"]), encode_response(tokenizer, pair["rejected"])
+    prompt_text = render_prompt(tokenizer, pair["prompt"])
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    chosen, rejected = (encode_response(tokenizer, pair[k], prompt_text) for k in ("chosen", "rejected"))
     fc, fr = fit(prompt, chosen, max_len), fit(prompt, rejected, max_len)
     if fc is None or fr is None:
         return None

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from dataset.data import find_turn_end
 from model.config import LMConfig, build_model, weight_name
 from model.strict import key_mismatch
 from model.lora import is_adapter_dir, load_lora, merge_lora, read_adapter_meta
@@ -283,14 +284,38 @@ def _load_source(src: WeightSource, lm_config: LMConfig, save_dir: str, depth: i
     return _load_adapter(src.path, lm_config, save_dir, depth)
 
 
+def set_stop_tokens(model, tokenizer, eos_token: str | None = None) -> list[int]:
+    """Record on ``tokenizer`` the token that ends an assistant turn (``turn_end_id``: the
+    ``eos_token`` given, else the chat template's own, dataset.data.find_turn_end) and every
+    token that ends a response (``stop_ids``: that turn end, the tokenizer's eos and the
+    model's own ``generation_config.eos_token_id`` list, which is kept and extended, not
+    replaced); the model's generation config gets the whole list. Returns it."""
+    if eos_token:
+        ids = tokenizer(eos_token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise UserError(f"--eos_token {eos_token!r} is {len(ids)} tokens in this tokenizer; give one token "
+                            f"(e.g. {tokenizer.eos_token!r})")
+        tokenizer.turn_end_id = ids[0]
+    else:
+        tokenizer.turn_end_id = tokenizer.convert_tokens_to_ids(find_turn_end(tokenizer))
+    own = model.generation_config.eos_token_id
+    own = own if isinstance(own, (list, tuple)) else [] if own is None else [own]
+    tokenizer.stop_ids = list(dict.fromkeys(i for i in (tokenizer.turn_end_id, tokenizer.eos_token_id, *own)
+                                            if i is not None))
+    model.generation_config.eos_token_id = tokenizer.stop_ids
+    return tokenizer.stop_ids
+
+
 def init_model(lm_config: LMConfig, from_weight: str = "none", device="cpu", save_dir: str = "out",
-               tokenizer_path: str | None = None):
+               tokenizer_path: str | None = None, eos_token: str | None = None):
     """Build the model ``from_weight`` names (see the module doc) and its tokenizer.
 
     lm_config: the sizes the user asked for; a None size means "the checkpoint's". It is
     completed in place with what was really loaded, so ``lm_config.hidden_size`` names the
     output files afterwards. The model comes back in fp32 on ``device``, in eval mode.
     tokenizer_path: default the checkpoint folder's own tokenizer, else the shipped one.
+    eos_token: the token that ends an assistant turn (default: the chat template's own); see
+    ``set_stop_tokens``.
     """
     device = check_device(str(device))
     src = resolve_weight(from_weight, lm_config, save_dir)
@@ -311,8 +336,25 @@ def init_model(lm_config: LMConfig, from_weight: str = "none", device="cpu", sav
         setattr(lm_config, k, v)
     model.weight_source = src  # where the weights came from, recorded in saved adapters
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    set_stop_tokens(model, tokenizer, eos_token)
     return model.to(device).eval(), tokenizer
+
+
+def disable_dropout(model) -> int:
+    """Set every dropout of ``model`` to 0, in place: the probability of each ``nn.Dropout``
+    and each float ``*dropout*`` attribute a module reads at forward time (attention dropout
+    in Llama-style attention), as TRL's ``disable_dropout`` does. Its config is left as it is,
+    so an exported model keeps its own setting. Returns how many were non-zero."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            changed += module.p != 0
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                changed += value != 0
+                setattr(module, name, 0.0)
+    return changed
 
 
 def add_lora_weight(model, lora_weight: str, lm_config: LMConfig, save_dir: str = "out"):
@@ -335,7 +377,7 @@ def load_for_inference(args, device="cpu"):
     chat load a model."""
     lm_config = LMConfig.from_args(args)
     model, tokenizer = init_model(lm_config, args.from_weight, device=device, save_dir=args.save_dir,
-                                  tokenizer_path=args.tokenizer_path)
+                                  tokenizer_path=args.tokenizer_path, eos_token=args.eos_token)
     if getattr(args, "lora_weight", None):
         add_lora_weight(model, args.lora_weight, lm_config, args.save_dir)
     return model.eval(), tokenizer, lm_config

@@ -20,24 +20,48 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
+from transformers.pytorch_utils import Conv1D
 
 from model.strict import key_mismatch
 from utils.errors import UserError
 from utils.files import atomic_dir, write_tensor_files
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 META_FILE = "minialign.json"
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts in front of module paths
 
 
+def _base(module):
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _projections(model) -> dict[str, torch.nn.Module]:
+    """The model's linear layers (``nn.Linear``, and GPT-2's ``Conv1D``) by module path, counting
+    those that already carry an adapter, adapter branches themselves left out."""
+    return {name: _base(m) for name, m in model.named_modules()
+            if isinstance(_base(m), (torch.nn.Linear, Conv1D)) and ".lora_" not in name and not name.endswith("base_layer")}
+
+
 def _linear_names(model) -> set[str]:
-    """Names of the model's linear layers, counting those that already carry an adapter."""
-    def is_linear(m):
-        return isinstance(m.get_base_layer() if isinstance(m, BaseTunerLayer) else m, torch.nn.Linear)
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-            if is_linear(m) and ".lora_" not in name and not name.endswith("base_layer")}
+    """Names (last path part) of the model's linear layers, the output head included."""
+    return {name.rsplit(".", 1)[-1] for name in _projections(model)}
+
+
+def default_targets(model) -> list[str]:
+    """Every attention and MLP projection of any family, as peft's ``all-linear`` finds them:
+    each linear layer (``nn.Linear`` or ``Conv1D``) except the output head and an MoE's router
+    (a linear layer beside an ``experts`` module); fused expert tensors are not layers, so they
+    are left alone."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _base(head) if head is not None else None
+    names = set()
+    for path, layer in _projections(model).items():
+        parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+        if layer is head or hasattr(parent, "experts"):
+            continue
+        names.add(path.rsplit(".", 1)[-1])
+    return sorted(names)
 
 
 def apply_lora(model, rank: int = 8, alpha: float = 16, targets=None, dropout: float = 0.0,
@@ -45,21 +69,26 @@ def apply_lora(model, rank: int = 8, alpha: float = 16, targets=None, dropout: f
     """Inject LoRA adapters into ``model`` in place and return it.
 
     targets: module names (e.g. ``q_proj``) to adapt; default: every attention and MLP
-    projection the model has (an MoE's fused experts are left alone). Only parameters with
-    ``lora`` in their name are left trainable. A second adapter (another ``adapter_name``, e.g.
-    PPO's critic) goes beside the first on the same base weights; the active one stays active.
+    projection the model has (``default_targets``). Only parameters with ``lora`` in their
+    name are left trainable. A second adapter (another ``adapter_name``, e.g. PPO's critic)
+    goes beside the first on the same base weights; the active one stays active.
     """
     present = _linear_names(model)
     if targets is None:
-        targets = [t for t in DEFAULT_TARGETS if t in present]
+        targets = default_targets(model)
+        if not targets:
+            raise UserError(f"{type(model).__name__} has no linear layer to put LoRA adapters on; "
+                            f"name some with --lora_targets or train every parameter with --use_lora 0")
     else:
         targets = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
         missing = [t for t in targets if t not in present]
         if missing:
             raise UserError(f"--lora_targets {','.join(missing)}: no such linear layer in the model; "
                             f"choose from {','.join(sorted(present - {'lm_head'}))}")
+    conv1d = any(isinstance(layer, Conv1D) for path, layer in _projections(model).items()
+                 if path.rsplit(".", 1)[-1] in targets)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
-                        init_lora_weights=True, bias="none")
+                        init_lora_weights=True, bias="none", fan_in_fan_out=conv1d)   # Conv1D stores W transposed
     _inject(config, model, adapter_name)
     for name, param in model.named_parameters():
         param.requires_grad = "lora" in name

@@ -16,7 +16,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from dataset.data import encode_prompt, encode_response, pad_with_mask
+from dataset.data import encode_exchange, pad_with_mask
 from model.config import LMConfig
 from model.strict import key_mismatch
 from utils.errors import UserError
@@ -53,8 +53,8 @@ class ValueHeadModel(torch.nn.Module):
         if position_ids is None and attention_mask is not None:  # left padding scores as sampled
             position_ids = position_ids_from_mask(attention_mask)
         with use_adapter(self.lm, self.adapter) if self.adapter else contextlib.nullcontext():
-            hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
-                                   position_ids=position_ids).last_hidden_state   # (B, T, H)
+            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,   # the decoder, any family
+                                        position_ids=position_ids).last_hidden_state   # (B, T, H)
         return self.head(hidden).squeeze(-1).float()                              # (B, T)
 
     def head_state(self) -> dict[str, torch.Tensor]:
@@ -186,7 +186,7 @@ class RewardModel:
     @torch.no_grad()
     def score(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
         """(N,) rewards of the responses to the prompts (chat messages)."""
-        seqs = [(encode_prompt(self.tokenizer, m) + encode_response(self.tokenizer, t))[-self.max_len:]
+        seqs = [encode_exchange(self.tokenizer, m, t)[-self.max_len:]
                 for m, t in zip(prompts, responses)]
         return self.score_batched(seqs)
 

@@ -12,7 +12,7 @@ def test_response_mask_stops_after_the_first_end_token():
     responses = torch.tensor([[5, 2, 7, 2],     # ends at 1: the end token counts, what follows does not
                               [5, 6, 7, 8],     # never ends (cut by max_gen_len)
                               [2, 2, 9, 9]])    # ends at once
-    mask, ended = response_mask_after_prompt(responses, eos_id=2)
+    mask, ended = response_mask_after_prompt(responses, stop=2)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert ended.tolist() == [True, False, True]
 

@@ -39,6 +39,10 @@ def add_model_args(group, from_weight: str, from_weight_help: str) -> None:
     group.add_argument("--from_weight", default=from_weight, help=from_weight_help + " (default: %(default)s)")
     group.add_argument("--tokenizer_path", default=None,
                        help="tokenizer folder (default: the checkpoint folder's own, else the shipped model/)")
+    group.add_argument("--eos_token", default=None,
+                       help="the token that ends an assistant turn, e.g. '<|im_end|>' (default: read off the chat "
+                            "template; responses are trained to end with it and sampling stops at it, at the "
+                            "tokenizer's eos and at the model's own stop tokens)")
     group.add_argument("--hidden_size", type=int, default=None,
                        help="model width (default: the checkpoint's own; with --from_weight none, MiniMind's 512, "
                             "or the demo's 192 in train_sft.py)")
@@ -82,6 +86,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
     g.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA alpha; the scale is alpha/r (default: %(default)s)")
     g.add_argument("--lora_targets", default=None,
                    help="comma-separated module names to adapt (default: every attention and MLP projection)")
+    g.add_argument("--disable_dropout", type=int, choices=[0, 1], default=1,
+                   help="1: every dropout of the model is 0 for the whole run (policy, reference, critic), so policy "
+                        "and reference agree exactly at the start and no noise enters ratios and KL; 0: keep the "
+                        "model's own dropout (default: %(default)s)")
 
     g = parser.add_argument_group("hardware")
     g.add_argument("--device", default=default_device(), help="cpu or cuda:N (default: %(default)s)")

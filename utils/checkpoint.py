@@ -153,8 +153,9 @@ def other_size_resume_files(checkpoint_dir: str, save_weight: str, path: str) ->
 
 def check_resume_args(saved: dict, current: dict, path: str) -> None:
     """Stop when the resume file was written by a run that trains something else."""
+    # A flag the file does not record came after it was written: the file says nothing about it.
     diffs = [f"--{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-             if k not in RESUME_FREE_ARGS and saved.get(k) != current.get(k)]
+             if k not in RESUME_FREE_ARGS and k in saved and saved.get(k) != current.get(k)]
     if diffs:
         raise UserError(f"{path} was written with other arguments ({'; '.join(diffs[:5])}); "
                         f"use the same ones, another --save_weight, or --from_resume 0 to start over")

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from dataset.data import pad_with_mask
+from dataset.data import pad_with_mask, stop_ids
 from model.lora import adapters_merged
 from utils.logprobs import chunked_grouped_logprobs, position_ids_from_mask, prompt_prefill
 
@@ -26,8 +26,8 @@ from utils.logprobs import chunked_grouped_logprobs, position_ids_from_mask, pro
 class Rollout:
     sequences: torch.Tensor        # (N, T) left-padded prompt, then the response, then padding
     attention_mask: torch.Tensor   # (N, T) 1 on prompt and response tokens
-    response_mask: torch.Tensor    # (N, T) 1 on response tokens up to and including the first end token
-    ended: torch.Tensor            # (N,) bool: the response closed with the end token
+    response_mask: torch.Tensor    # (N, T) 1 on response tokens up to and including the first stop token
+    ended: torch.Tensor            # (N,) bool: the response closed with a stop token
     texts: list[str]               # (N,) decoded responses, special tokens removed
     prompt_index: torch.Tensor     # (N,) which prompt of the batch each sample answers
     num_generations: int           # G
@@ -55,10 +55,16 @@ class Rollout:
         return self.response_mask.sum(-1)
 
 
-def response_mask_after_prompt(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, ended) for generated tokens (N, L): 1 up to and including the first ``eos_id``
-    of each row, 0 after it; ended says which rows contain ``eos_id`` at all."""
-    is_eos = responses == eos_id
+def is_stop(tokens: torch.Tensor, stop) -> torch.Tensor:
+    """Bool tensor like ``tokens``: which are one of ``stop`` (an id or a list of ids)."""
+    return torch.isin(tokens, torch.as_tensor(stop, device=tokens.device).reshape(-1))
+
+
+def response_mask_after_prompt(responses: torch.Tensor, stop) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, ended) for generated tokens (N, L): 1 up to and including the first stop token
+    (``stop``: an id or a list of ids) of each row, 0 after it; ended says which rows contain
+    one at all."""
+    is_eos = is_stop(responses, stop)
     ended = is_eos.any(-1)
     # Count of end tokens strictly before each position: 0 up to and including the first one.
     before = torch.cumsum(is_eos.int(), -1) - is_eos.int()
@@ -93,15 +99,16 @@ def token_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) 
 
 @torch.no_grad()
 def decode(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, num_generations: int, max_new_tokens: int,
-           eos_id: int, pad_id: int, pick: Callable, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+           stop, pad_id: int, pick: Callable, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(responses (N, L), logps (N, L)) for prompts (P, Tp) (left-padded, prompt_mask 1 on real
     tokens), G = num_generations per prompt, N = P*G, rows g*G..g*G+G-1 answering prompt g,
     L <= max_new_tokens; logps[i, j] = log softmax(logits / temperature) of responses[i, j].
 
     The model's own forward with a KV cache, one token per step, ``pick`` choosing it from the
     logits. Each prompt runs once and its keys and values are repeated for its G samples; a row
-    that has produced eos_id leaves the batch (its cache rows are dropped), so a step costs what
-    the unfinished rows cost; it stops when none is left. Everything after a row's eos_id is
+    that has produced a ``stop`` token (an id or a list: the turn end, eos, the model's own stop
+    tokens) leaves the batch (its cache rows are dropped), so a step costs what the unfinished
+    rows cost; it stops when none is left. Everything after a row's stop token is
     pad_id (and its log-prob 0). Position ids follow the real tokens (attention mask cumsum), as
     the training forward's do.
     """
@@ -119,7 +126,7 @@ def decode(model, prompts: torch.Tensor, prompt_mask: torch.Tensor, num_generati
         out[rows, t] = tokens
         out_logps[rows, t] = torch.log_softmax(logits.float() / temperature, -1).gather(1, tokens[:, None]).squeeze(1)
         steps = t + 1
-        going = tokens != eos_id
+        going = ~is_stop(tokens, stop)
         n_going = int(going.sum())                          # a step's host sync (one more when rows finish)
         if t + 1 == max_new_tokens or n_going == 0:
             break
@@ -160,7 +167,7 @@ class HFRolloutEngine(RolloutEngine):
         self.model, self.tokenizer = model, tokenizer
         self.max_gen_len, self.temperature, self.top_p, self.top_k = max_gen_len, temperature, top_p, top_k
         self.autocast, self.logprob_batch_size, self.merge = autocast, logprob_batch_size, merge
-        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.stop_ids, self.pad_id = stop_ids(tokenizer), tokenizer.pad_token_id   # turn end, eos, the model's own
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], num_generations: int) -> Rollout:
@@ -171,12 +178,12 @@ class HFRolloutEngine(RolloutEngine):
         self.model.eval()
         try:
             with adapters_merged(self.model) if self.merge else contextlib.nullcontext(), self.autocast():
-                responses, logps = decode(self.model, prompts, prompt_mask, G, self.max_gen_len, self.eos_id,
+                responses, logps = decode(self.model, prompts, prompt_mask, G, self.max_gen_len, self.stop_ids,
                                           self.pad_id, self.pick, self.temperature)       # (N, L) each
         finally:
             self.model.train(was_training)
         Tp = prompts.shape[1]
-        mask, ended = response_mask_after_prompt(responses, self.eos_id)            # decode padded after the end
+        mask, ended = response_mask_after_prompt(responses, self.stop_ids)            # decode padded after the end
         prompt_mask = prompt_mask.repeat_interleave(G, 0)
         sequences = torch.cat([prompts.repeat_interleave(G, 0), responses], 1)              # (N, T)
         attention_mask = torch.cat([prompt_mask, mask], 1)

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import LMConfig, apply_lora, init_model, save_lora, weight_name
 from model.export import export
+from model.loading import disable_dropout
 from model.lora import adapters_disabled, trainable_parameters
 from model.value_head import HEAD_FILE, ActorCritic, ValueHeadModel
 from utils.args import find_data_file
@@ -147,7 +148,10 @@ class Run:
         seed_everything(args.seed)
         self.lm_config = LMConfig.from_args(args)
         model, self.tokenizer = init_model(self.lm_config, args.from_weight, device=self.device,
-                                           save_dir=args.save_dir, tokenizer_path=args.tokenizer_path)
+                                           save_dir=args.save_dir, tokenizer_path=args.tokenizer_path,
+                                           eos_token=args.eos_token)
+        if args.disable_dropout and disable_dropout(model):
+            print0("dropout of the model set to 0 for the run (--disable_dropout 0 keeps it)")
         # The reference is the start weights, frozen: a copy taken before any adapter goes in.
         self.ref_model = copy.deepcopy(model).eval().requires_grad_(False) if reference == "copy" else None
         if args.use_lora:
