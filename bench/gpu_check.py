@@ -32,7 +32,9 @@ On the device machine (Python 3.12 with its own torch, no internet), the project
 as wheels (bench/gpu_wheels.txt): once here, ``bash bench/fetch_gpu_wheels.sh``; then one device
 call, with carry [".whl"] and timeout 600:
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log; python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee $OUT/test_cuda.log
+
+(the check itself, then the CUDA tests; what is left of the 10 minutes is the margin).
 """
 from __future__ import annotations
 

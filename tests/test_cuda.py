@@ -1,8 +1,8 @@
 """The CUDA paths: bf16 autocast of the log-prob and loss functions against fp32, fp16 with the
 GradScaler through a script's own step, and the decoding loop on CUDA against CPU.
 
-Skipped on a machine without CUDA (CI); bench/gpu_check.py runs them on the device machine with
-the rest of the GPU check (``python3 -m pytest -q tests/test_cuda.py`` there).
+Skipped on a machine without CUDA (CI); the device call in bench/gpu_check.py's docstring runs
+them after the check.
 """
 import copy
 import os
