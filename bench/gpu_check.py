@@ -1,7 +1,7 @@
 """The GPU path in one prepared check: correctness in bf16 and fp32, the packed attention's
 kernel and speed, throughput and MFU on a 0.46B shape, sampling against ``generate``, ratios to TRL.
 
-    python bench/gpu_check.py --out gpu_check.json                 # all of it, about 5 minutes on one H200
+    python bench/gpu_check.py --out gpu_check.json                 # all of it, sized for about 5 minutes on one H200
     python bench/gpu_check.py --only packed,throughput             # part of it (--only may repeat)
     python bench/gpu_check.py --device cpu --tiny --out /tmp/g.json   # the same code paths in seconds on CPU
 
