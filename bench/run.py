@@ -322,15 +322,23 @@ def mfu(a, s_per_step: float, tokens: float) -> float | None:
     """Model FLOPs utilisation on CUDA: 6 x matmul parameters x tokens per step (the usual
     forward + backward count; LoRA's cheaper backward, the reference forward and sampling are
     not counted separately), over the GPU's dense bf16 peak."""
-    import torch
-    if not a.device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(torch.device(a.device))
-    peak = 989e12 if ("H100" in name or "H200" in name) else 312e12 if "A100" in name else None
+    peak = dense_bf16_peak(a.device)
     return None if peak is None else 6 * matmul_params(a.model) * tokens / s_per_step / peak
 
 
-def compare(a) -> dict:
+def dense_bf16_peak(device: str) -> float | None:
+    """The GPU's dense bf16 FLOP/s by its datasheet (H100/H200 SXM 989e12, A100 312e12); None
+    for a CPU or a GPU not listed."""
+    import torch
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return 989e12 if ("H100" in name or "H200" in name) else 312e12 if "A100" in name else None
+
+
+def measure_sides(a) -> tuple[dict, dict, int]:
+    """(ours, TRL, batches per epoch): each side's Meter.summary() over --steps timed steps after
+    --warmup, the two alternating step by step in this process (peak memory: CUDA only)."""
     import torch
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -340,7 +348,11 @@ def compare(a) -> dict:
         for i in range(a.warmup + a.steps):          # interleaved: ours, TRL, ours, TRL, ...
             meters["ours"].run(ours_step, timed=i >= a.warmup)
             meters["trl"].run(trl_step, timed=i >= a.warmup)
-    ours, trl = meters["ours"].summary(), meters["trl"].summary()
+    return meters["ours"].summary(), meters["trl"].summary(), batches
+
+
+def compare(a) -> dict:
+    ours, trl, batches = measure_sides(a)
     if not a.device.startswith("cuda"):
         ours["peak_mb"], trl["peak_mb"] = cpu_memory(a, "ours")["peak_mb"], cpu_memory(a, "trl")["peak_mb"]
     out = {"algo": a.algo, "model": os.path.relpath(a.model, ROOT) if a.model.startswith(ROOT) else a.model,
