@@ -1,9 +1,11 @@
 """sequence_logprobs: against a hand computation; padding changes nothing."""
+import copy
 import math
 
+import pytest
 import torch
 
-from utils.logprobs import masked_reduce, sequence_logprobs, token_logprobs
+from utils.logprobs import head_logprobs, masked_reduce, model_token_logprobs, sequence_logprobs, token_logprobs
 from conftest import sample_ids
 
 
@@ -66,3 +68,63 @@ def test_padding_changes_nothing(tiny_model):
         logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.tensor([attn]), position_ids=pos).logits
     left = sequence_logprobs(logits, torch.tensor([ids]), torch.tensor([rmask]), "sum")
     torch.testing.assert_close(left, plain, rtol=1e-5, atol=1e-5)
+
+
+class SoftcappedLM(torch.nn.Module):
+    """A head with Gemma's final soft-capping, the shape head_logits must reproduce."""
+
+    def __init__(self, H=6, V=13, cap=0.7):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(H, V, bias=False)
+        self.config = type("C", (), {"final_logit_softcapping": cap})()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+def plain_head(lm, hidden, targets, temperature):
+    logits = torch.tanh(lm.lm_head(hidden) / 0.7) * 0.7 / temperature
+    logp = torch.log_softmax(logits, -1)
+    return logp.gather(-1, targets[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("trained_head", [False, True])
+def test_chunked_head_equals_the_whole_block_values_entropy_and_gradients(trained_head):
+    torch.manual_seed(0)
+    lm = SoftcappedLM()
+    lm.lm_head.weight.requires_grad_(trained_head)          # frozen (LoRA) or trained (--use_lora 0)
+    hidden = torch.randn(10, 6, requires_grad=True) * 3
+    targets = torch.randint(0, 13, (10,))
+    weights = torch.randn(10)                                # a loss that weighs each position differently
+    want, want_ent = plain_head(lm, hidden, targets, 0.7)
+    want_grads = torch.autograd.grad((want * weights).sum(), [hidden] + ([lm.lm_head.weight] if trained_head else []))
+    # 13 * 3 logits a chunk: 3 positions, so 4 chunks of 10 positions (the last one short)
+    got, ent = head_logprobs(lm, hidden, targets, 0.7, with_entropy=True, chunk_logits=13 * 3)
+    grads = torch.autograd.grad((got * weights).sum(), [hidden] + ([lm.lm_head.weight] if trained_head else []))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ent, want_ent, atol=1e-6, rtol=1e-6)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(head_logprobs(lm, hidden, targets, 0.7, chunk_logits=13)[0], want)
+
+
+def test_forward_head_logprobs_falls_back_when_the_model_post_processes_otherwise(tiny_model, monkeypatch):
+    """A model whose logits are not what head_logits computes is noticed at its first forward
+    and scored with its own logits from then on, so the values stay right."""
+    model, _ = tiny_model
+    model = copy.deepcopy(model)
+    ids = sample_ids(shape=(2, 7), seed=3)
+    want = token_logprobs(model(input_ids=ids).logits * 2.0, ids)
+    monkeypatch.setattr(type(model), "forward", _doubled(type(model).forward))
+    got = model_token_logprobs(model, ids, torch.ones_like(ids))
+    assert model._chunked_head_ok is False
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _doubled(forward):
+    def wrapped(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+    return wrapped
