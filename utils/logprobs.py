@@ -11,10 +11,11 @@ from torch.utils.checkpoint import checkpoint
 
 from utils.packing import group_size, pack_groups
 
-# Logits (positions x vocabulary) the output head computes at once when it scores responses: a
-# 151,936-token vocabulary runs about 220 positions a chunk, the demo's 1,116 about 30,000 (one
-# chunk). 0: the model's own forward computes the whole (positions x vocabulary) block.
-HEAD_CHUNK_LOGITS = 1 << 25
+# Logits (positions x vocabulary) the output head computes at once when it scores responses
+# (32 MiB in fp32; a chunk's softmax and gradient hold two more such blocks): a 151,936-token
+# vocabulary runs 55 positions a chunk, the demo's 1,116 about 7,500. 0: the model's own forward
+# computes the whole (positions x vocabulary) block.
+HEAD_CHUNK_LOGITS = 1 << 23
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
