@@ -87,6 +87,32 @@ def test_torchrun_two_processes_then_one(tmp_path, prompts, tiny_dir, script, ex
     assert [r["step"] for r in rows(metrics)] == [1, 2, 5]
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_accumulation_leaves_the_step_unchanged(tmp_path, prompts, tiny_dir, loss_type):
+    """The same rollout (sampling comes first) cut into 1 or 2 micro-batches: the same loss and
+    gradient, because the normaliser is counted over the whole step before the backwards."""
+    logged = []
+    for acc in ("1", "2"):
+        out = train_gpo.main(args_for(train_gpo, tmp_path / acc, prompts, tiny_dir, "--max_steps", "1", "--loss_type",
+                                      loss_type, "--reward_funcs", "tests.helpers.toy_rewards:char_count",
+                                      "--accumulation_steps", acc))
+        logged.append(rows(out + "_metrics.jsonl")[0])
+    assert logged[0]["reward"] == logged[1]["reward"] and logged[0]["grad_norm"] > 0
+    for key in ("loss", "grad_norm", "clip_ratio"):
+        assert logged[1][key] == pytest.approx(logged[0][key], rel=1e-5, abs=1e-7), key
+
+
+def test_truncation_length_penalty_and_zero_std_groups_are_logged(tmp_path, prompts, tiny_dir):
+    """The tiny model never ends within 6 tokens: every response is truncated and gets the full
+    overlong penalty of -1, so every group's rewards are equal (std 0) and nothing is left in the loss."""
+    out = train_gpo.main(args_for(train_gpo, tmp_path, prompts, tiny_dir, "--max_steps", "1", "--mask_truncated", "1",
+                                  "--overlong_penalty", "2", "--drop_zero_std", "1", "--reward_funcs", "length"))
+    r = rows(out + "_metrics.jsonl")[0]
+    assert r["completions/clipped_ratio"] == 1 and r["rewards/overlong_penalty"] == -1
+    assert r["frac_reward_zero_std"] == 1 and r["groups_used"] == 0
+    assert r["loss"] == 0 and r["grad_norm"] == 0
+
+
 def test_bad_input_stops_before_training(tmp_path, prompts, tiny_dir):
     no_answer = tmp_path / "q.jsonl"
     no_answer.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"}]}) + "\n")
@@ -98,6 +124,10 @@ def test_bad_input_stops_before_training(tmp_path, prompts, tiny_dir):
         train_grpo.main(args_for(train_grpo, tmp_path, prompts, tiny_dir, "--mini_batch_size", "3"))
     with pytest.raises(UserError, match="not a built-in"):
         train_gpo.main(args_for(train_gpo, tmp_path, prompts, tiny_dir, "--reward_funcs", "acuracy"))
+    with pytest.raises(UserError, match="--adv_level group z-scores each prompt's mean reward across the prompts"):
+        train_gpo.main(args_for(train_gpo, tmp_path, prompts, tiny_dir, "--adv_level", "group", "--batch_size", "1"))
+    with pytest.raises(UserError, match="--overlong_penalty must be 0"):
+        train_grpo.main(args_for(train_grpo, tmp_path, prompts, tiny_dir, "--overlong_penalty", "7"))
     with pytest.raises(UserError, match="leaves no reward"):
         train_grpo.main(args_for(train_grpo, tmp_path, prompts, tiny_dir, "--self_reward_weight", "0"))
     assert not (tmp_path / "out").exists()

@@ -32,7 +32,8 @@ from model.lora import adapters_disabled, trainable_parameters
 from model.value_head import HEAD_FILE, ActorCritic, ValueHeadModel
 from utils.args import find_data_file
 from utils.checkpoint import (capture_rng, check_resume_args, load_latest_resume, load_trainable_state,
-                              other_size_resume_files, restore_rng, resume_path, save_resume, trainable_state)
+                              other_size_resume_files, restore_rng, resume_path, save_resume, trainable_state,
+                              upgraded_resume_args)
 from utils.errors import RunHalted, UserError
 from utils.logging import RunLogger
 from utils.runtime import (DistInfo, autocast_context, grad_scaler, init_distributed, peak_memory_gb, print0,
@@ -72,6 +73,7 @@ class DataOrder:
     def __init__(self, n: int, batch_size: int, epochs: int, accumulation_steps: int, seed: int,
                  dist_info: DistInfo, what: str = "examples"):
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.micro_per_step = accumulation_steps   # data micro-batches per optimizer step (RL: 1 prompt batch)
         self.rank, self.world = dist_info.rank, dist_info.world_size
         self.batches_per_epoch = n // (batch_size * self.world)
         if self.batches_per_epoch == 0:
@@ -290,7 +292,7 @@ class Run:
         if ckpt.get("algorithm") != self.algorithm:
             raise UserError(f"{path} was written by {ckpt.get('algorithm')}, not {self.algorithm}; "
                             f"use another --save_weight or --checkpoint_dir")
-        check_resume_args(ckpt["args"], self.resume_args(), path)
+        check_resume_args(upgraded_resume_args(ckpt["args"], self.resume_args()), self.resume_args(), path)
         if ckpt.get("data_examples", order.n) != order.n:
             raise UserError(f"{path} was written for {ckpt['data_examples']} examples in {self.args.data_path}, "
                             f"which now has {order.n}; resume with the data it was trained on, "
@@ -305,11 +307,8 @@ class Run:
         self.scaler.load_state_dict(ckpt["scaler"])
         step, micro = ckpt["step"], ckpt["micro"]
         if ckpt["world_size"] != self.dist.world_size:
-            # The same number of examples seen, counted in this world size's steps.
-            samples = micro * self.args.batch_size * ckpt["world_size"]
-            micro = samples // (self.args.batch_size * self.dist.world_size)
-            micro -= micro % self.args.accumulation_steps
-            step = micro // self.args.accumulation_steps
+            step, micro = rescaled_position(micro, ckpt["world_size"], self.dist.world_size, order.micro_per_step)
+            samples = ckpt["micro"] * self.args.batch_size * ckpt["world_size"]
             print0(f"resume: world size {ckpt['world_size']} -> {self.dist.world_size}: step {ckpt['step']} -> {step} "
                    f"(the same {samples} examples seen; the data order and sampling RNG continue per rank, so the "
                    f"run is not bit-identical to one that kept {ckpt['world_size']} process(es))")
@@ -403,6 +402,16 @@ class Run:
             if clean:
                 torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+def rescaled_position(micro: int, saved_world: int, world: int, micro_per_step: int) -> tuple[int, int]:
+    """(step, micro) on ``world`` processes that have seen the examples ``micro`` micro-batches
+    on ``saved_world`` processes saw (rounded down to a whole step). micro_per_step: data
+    micro-batches per optimizer step, --accumulation_steps for the supervised scripts, 1 for RL
+    (each step takes one prompt batch and cuts it into --accumulation_steps pieces itself)."""
+    micro = micro * saved_world // world
+    micro -= micro % micro_per_step
+    return micro // micro_per_step, micro
 
 
 def named_optimizers(optimizer) -> dict:
