@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from utils.rl import (AGGREGATION_TYPES, LOSS_TYPES, loss_normaliser, overlong_penalty, policy_loss, step_normalisers,
+from utils.rl import (AGGREGATION_TYPES, LOSS_TYPES, group_loss_mask, loss_normaliser, overlong_penalty, policy_loss, step_normalisers,
                       zero_std_groups)
 
 MASK = torch.tensor([[1, 1, 1], [1, 0, 0]])
@@ -161,3 +161,19 @@ def test_overlong_penalty_and_zero_std_groups_by_hand():
         overlong_penalty(torch.tensor([1]), 10, 11)
     assert zero_std_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 3.0, 3.0]), 2).tolist() == [True, True, False, False,
                                                                                          True, True]
+
+
+def test_truncated_and_zero_std_rows_leave_the_loss_and_its_count():
+    """Rows: 0 ended, 1 truncated, 2-3 a zero-std group. dapo over all four: tokens 3+1+2+2 = 8;
+    without the truncated row 7; without the zero-std group 4; without both 3 (row 0 alone)."""
+    resp = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 0]])
+    ended = torch.tensor([True, False, True, True])
+    zero = torch.tensor([False, False, True, True])
+    counts = [float(loss_normaliser(group_loss_mask(resp, ended, zero, t, z), "dapo"))
+              for t, z in ((0, 0), (1, 0), (0, 1), (1, 1))]
+    assert counts == [8, 7, 4, 3]
+    both = group_loss_mask(resp, ended, zero, True, True)
+    assert float(loss_normaliser(both, "grpo")) == 1 and both[0].tolist() == [1, 1, 1]
+    logps = torch.zeros(4, 3, requires_grad=True)
+    policy_loss(logps, logps.detach(), torch.ones(4), both)[0].backward()
+    assert logps.grad[1:].abs().max() == 0 and logps.grad[0].tolist() == pytest.approx([-1 / 3] * 3)

@@ -197,6 +197,19 @@ def overlong_penalty(lengths: torch.Tensor, max_gen_len: int, cache: int) -> tor
     return ((max_gen_len - cache - lengths.float()) / cache).clamp(max=0.0)
 
 
+def group_loss_mask(response_mask: torch.Tensor, ended: torch.Tensor, zero_std: torch.Tensor,
+                    mask_truncated: bool, drop_zero_std: bool) -> torch.Tensor:
+    """The loss mask (N, L): response_mask (N, L) without the rows of responses that never ended
+    (ended (N,) False; with mask_truncated) and of groups with no reward signal (zero_std (N,)
+    True; with drop_zero_std). Those rows count nowhere: not in the loss, not in its normaliser."""
+    keep = torch.ones(response_mask.shape[0], dtype=torch.bool, device=response_mask.device)
+    if mask_truncated:
+        keep &= ended.to(keep.device)
+    if drop_zero_std:
+        keep &= ~zero_std.to(keep.device)
+    return response_mask * keep[:, None].to(response_mask.dtype)
+
+
 def zero_std_groups(rewards: torch.Tensor, G: int) -> torch.Tensor:
     """(N,) bool: the samples of groups whose G rewards (N,) are all equal (no signal: advantage 0)."""
     return (rewards.float().view(-1, G).std(1) < 1e-8).repeat_interleave(G)
@@ -375,14 +388,10 @@ def make_group_step(run, order, prompts: list[dict], prompt_ids: list[list[int]]
         mine = slice(run.dist.rank * N, (run.dist.rank + 1) * N)
         advantages = advantages[mine].to(run.device)
         zero_std = zero_std_groups(everyone, G)
-        keep = torch.ones(N, dtype=torch.bool)
-        if args.drop_zero_std:
-            keep &= ~zero_std[mine]
-        if args.mask_truncated:
-            keep &= rollout.ended.cpu()
         seqs, am, first = rollout.sequences, rollout.attention_mask, rollout.prompt_len
         resp_mask = rollout.response_mask[:, 1:]                                # (N, L)
-        loss_mask = resp_mask * keep.to(resp_mask.device)[:, None]
+        loss_mask = group_loss_mask(resp_mask, rollout.ended, zero_std[mine], bool(args.mask_truncated),
+                                    bool(args.drop_zero_std))
         ref_logps = reference_logprobs(run, seqs, am, args.temperature, first, G) if args.beta > 0 else None
         mb = args.mini_batch_size or N
         micro = mb // args.accumulation_steps
