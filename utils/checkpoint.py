@@ -29,7 +29,9 @@ from utils.files import atomic_file
 # Args that may change between a run and its resume without changing what is trained.
 RESUME_FREE_ARGS = {"from_resume", "device", "log_interval", "save_interval", "use_wandb", "wandb_project",
                     "num_workers", "max_steps", "epochs", "checkpoint_dir", "save_dir", "keep_checkpoints",
-                    "max_bad_steps", "merge_for_sampling"}
+                    "max_bad_steps", "merge_for_sampling",
+                    # evaluation reads the weights and draws from its own generator: it changes no training
+                    "eval_data", "eval_interval", "eval_samples", "eval_max_new_tokens", "save_best", "best_metric"}
 
 
 def resume_path(checkpoint_dir: str, save_weight: str, hidden_size: int, use_moe: bool) -> str:

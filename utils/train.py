@@ -35,6 +35,7 @@ from utils.checkpoint import (capture_rng, check_resume_args, load_latest_resume
                               other_size_resume_files, restore_rng, resume_path, save_resume, trainable_state,
                               upgraded_resume_args)
 from utils.errors import RunHalted, UserError
+from utils.evaluation import TrainingEval, eval_arg_problems
 from utils.logging import RunLogger
 from utils.runtime import (DistInfo, autocast_context, grad_scaler, init_distributed, peak_memory_gb, print0,
                            seed_everything)
@@ -58,6 +59,7 @@ def validate_common_args(args) -> None:
         problems.append("--lora_rank must be at least 1 and --lora_alpha positive")
     if args.grad_clip < 0:
         problems.append(f"--grad_clip must be 0 (off) or positive (got {args.grad_clip})")
+    problems += eval_arg_problems(args)
     if problems:
         raise UserError("; ".join(problems))
 
@@ -372,13 +374,22 @@ class Run:
             print0(f"step {step}: weights identical on all {self.dist.world_size} processes")
             self._replicas_reported = True
 
-    def save_weights(self, extra_meta: dict | None = None) -> None:
-        """LoRA-only adapter (PEFT format), or with --use_lora 0 a full Hugging Face model folder."""
+    def weights_dir_for(self, stem: str) -> str:
+        """{save_dir}/{stem}_{hidden_size}[_moe]: where weights saved under that name go."""
+        return os.path.join(self.args.save_dir, weight_name(stem, self.lm_config.hidden_size, self.lm_config.use_moe))
+
+    def save_weights(self, extra_meta: dict | None = None, stem: str | None = None) -> None:
+        """LoRA-only adapter (PEFT format), or with --use_lora 0 a full Hugging Face model folder.
+        stem: save under another name ({stem}_{hidden}[_moe], e.g. the best evaluation's), the
+        policy alone (PPO's critic stays with the run's own save)."""
         os.makedirs(self.args.save_dir, exist_ok=True)
         meta = {"algorithm": self.algorithm, **(extra_meta or {})}
         lm, extra_tensors = self.lm, None
+        folder = self.weights_dir if stem is None else self.weights_dir_for(stem)
         if isinstance(self.base_model, ActorCritic):  # the policy's adapter, then the critic's with its head
-            save_lora(lm, self.weights_dir, base=self.args.from_weight, lm_config=self.lm_config, extra=meta)
+            save_lora(lm, folder, base=self.args.from_weight, lm_config=self.lm_config, extra=meta)
+            if stem is not None:
+                return
             save_lora(lm, self.critic_dir, base=self.args.from_weight, lm_config=self.lm_config,
                       adapter_name=self.base_model.adapter, extra={**meta, "kind": "critic"},
                       extra_tensors={HEAD_FILE: self.base_model.head_state()})
@@ -386,10 +397,10 @@ class Run:
         if isinstance(self.base_model, ValueHeadModel):
             extra_tensors = {HEAD_FILE: self.base_model.head_state()}
         if self.args.use_lora:
-            save_lora(lm, self.weights_dir, base=self.args.from_weight, lm_config=self.lm_config,
+            save_lora(lm, folder, base=self.args.from_weight, lm_config=self.lm_config,
                       extra=meta, extra_tensors=extra_tensors)
             return
-        export(lm, self.tokenizer, self.weights_dir, meta={"base": self.args.from_weight, **meta},
+        export(lm, self.tokenizer, folder, meta={"base": self.args.from_weight, **meta},
                extra_tensors=extra_tensors)
 
     def close(self, clean: bool = True) -> None:
@@ -521,6 +532,7 @@ def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, ext
                        wandb_project=args.wandb_project, run_name=run.stem, config=vars(args),
                        wandb_id=state.wandb_id, desc=desc)
     state.wandb_id = logger.wandb_id
+    evaluator = TrainingEval(run) if getattr(args, "eval_data", None) else None
     stop = StopSignal()
     sums, n_steps, tokens, t_last = {}, 0, 0, time.time()
     stopped = finished = False
@@ -548,6 +560,10 @@ def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, ext
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n_steps, tokens = n_steps + 1, tokens + n_tokens
+            scores = {}
+            if evaluator is not None and (state.step % args.eval_interval == 0 or state.step == stop_step):
+                scores = evaluator(state.step)
+                evaluator.keep_if_best(state, scores)
             if state.step % args.log_interval == 0 or state.step == stop_step:
                 names = list(sums)
                 values = run.all_mean([sums[k] / n_steps for k in names] + [float(tokens)])
@@ -555,11 +571,12 @@ def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, ext
                 logger.step(state.step, {**dict(zip(names, values[:-1])), **lrs,
                                          "epoch": order.epoch_of(state.micro - 1),
                                          "peak_mem_gb": peak_memory_gb(run.device),
-                                         "tokens_per_sec": values[-1] * run.dist.world_size / max(now - t_last, 1e-9)},
+                                         "tokens_per_sec": values[-1] * run.dist.world_size / max(now - t_last, 1e-9),
+                                         **scores},
                             force=True)
                 sums, n_steps, tokens, t_last = {}, 0, 0, now
             else:
-                logger.step(state.step, {})
+                logger.step(state.step, scores, force=bool(scores))
             if state.bad_in_row >= args.max_bad_steps:
                 break
             if state.step % args.save_interval == 0 and state.step < stop_step:
