@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 import train_gpo
 import train_grpo
 from conftest import first_lines, free_port, run_args
+from dataset.data import load_pairs
+from model.loading import load_for_inference
 from utils.errors import UserError
 
 TINY = ["--num_generations", "2", "--max_gen_len", "6", "--batch_size", "4"]
@@ -70,6 +72,9 @@ def test_resume_equals_uninterrupted(tmp_path, prompts, tiny_dir, script, extra)
 @pytest.mark.slow
 @pytest.mark.parametrize("script, extra", [(train_gpo, ["--scale_rewards", "batch"]), (train_grpo, [])])
 def test_torchrun_two_processes_then_one(tmp_path, prompts, tiny_dir, script, extra, capsys):
+    eval_pairs = first_lines("dataset/heldout_dpo.jsonl", 5, tmp_path) if script is train_gpo else None
+    if eval_pairs:
+        extra = [*extra, "--eval_data", eval_pairs, "--eval_interval", "2"]
     args = ["--data_path", prompts, "--from_weight", os.path.join(tiny_dir, "full_sft_32"), *TINY, *extra,
             "--reward_funcs", "tests.helpers.toy_rewards:char_count", "--max_steps", "2",
             "--device", "cpu", "--log_interval", "1", "--save_dir", str(tmp_path / "out"),
@@ -82,6 +87,15 @@ def test_torchrun_two_processes_then_one(tmp_path, prompts, tiny_dir, script, ex
     assert "2 process(es)" in proc.stdout and "weights identical on all 2 processes" in proc.stdout
     metrics = tmp_path / "out" / f"{script.__name__[6:]}_32_metrics.jsonl"
     assert [r["step"] for r in rows(metrics)] == [1, 2]
+    if eval_pairs:    # the held-out pairs were split across the two ranks: their sums give one process's scores
+        import eval_align
+        from utils.evaluation import pair_scores, pair_sums, rates
+        model, tok, _ = load_for_inference(eval_align.parse_args(["--from_weight", args[3], "--lora_weight",
+                                                                  str(tmp_path / "out" / "gpo_32")]))
+        alone = rates(pair_sums(*pair_scores(model, tok, load_pairs(eval_pairs), 256, 8, "cpu")))
+        logged = rows(metrics)[-1]
+        assert logged["eval/pair_acc"] == pytest.approx(alone["pair_acc"])
+        assert logged["eval/reward_margin"] == pytest.approx(alone["reward_margin"], abs=1e-4)
     script.main(script.parse_args(args + ["--from_resume", "1", "--max_steps", "5"]))   # one process resumes
     assert "world size 2 -> 1: step 2 -> 4" in capsys.readouterr().out
     assert [r["step"] for r in rows(metrics)] == [1, 2, 5]
