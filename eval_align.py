@@ -20,13 +20,13 @@ from collections import defaultdict
 import torch
 
 from dataset.answers import is_correct
-from dataset.data import collate_pairs, encode_pairs, encode_prompt, load_pairs, load_prompts, pad_with_mask, stop_ids
+from dataset.data import encode_pairs, load_pairs, load_prompts
 from model.loading import load_for_inference
 from model.value_head import RewardModel
 from utils.args import add_model_args, project_path
 from utils.errors import UserError, run_cli
-from utils.logprobs import model_sequence_logprobs
-from utils.runtime import default_device, to_device
+from utils.evaluation import answer_sums, generate_responses, pair_scores, pair_sums, rates
+from utils.runtime import default_device
 
 
 def parse_args(argv=None):
@@ -49,20 +49,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@torch.no_grad()
 def pair_accuracy(model, tokenizer, pairs: list[dict], max_seq_len: int, batch_size: int, device) -> tuple[float, int]:
     """(share of pairs whose chosen response has the higher mean log-prob, pairs scored)."""
-    items, _ = encode_pairs(pairs, tokenizer, max_seq_len)
-    if not items:
+    sums = pair_sums(*pair_scores(model, tokenizer, pairs, max_seq_len, batch_size, device))
+    if not sums["pairs"]:
         raise UserError("no preference pair fits --max_seq_len; raise it")
-    wins = 0
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        batch = to_device(collate_pairs(chunk, tokenizer.pad_token_id), device)
-        logps = model_sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        n = len(chunk)
-        wins += int((logps[:n] > logps[n:]).sum())
-    return wins / len(items), len(items)
+    return rates(sums)["pair_acc"], int(sums["pairs"])
 
 
 @torch.no_grad()
@@ -76,38 +68,22 @@ def rm_pair_accuracy(reward_model, pairs: list[dict], max_seq_len: int) -> tuple
     return float((chosen > rejected).float().mean()), len(items)
 
 
-@torch.no_grad()
-def greedy_responses(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int, device):
-    """(texts, lengths in tokens) of greedy responses, end token included in the length."""
-    texts, lengths = [], []
-    stops, pad = stop_ids(tokenizer), tokenizer.pad_token_id        # the turn end, eos, the model's own
-    for start in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(tokenizer, m) for m in prompts[start:start + batch_size]]
-        input_ids, attention_mask = (t.to(device) for t in pad_with_mask(encoded, pad, side="left"))
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=stops, pad_token_id=pad)
-        for row in out[:, input_ids.shape[1]:].tolist():
-            n = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-            texts.append(tokenizer.decode(row[:n], skip_special_tokens=True))
-            lengths.append(n)
-    return texts, lengths
-
-
 def evaluate(model, tokenizer, args) -> dict:
     pairs, prompts = load_pairs(args.pairs), load_prompts(args.data)
     missing = [i for i, p in enumerate(prompts) if "answer" not in p]
     if missing:
         raise UserError(f"{args.data}: {len(missing)} prompt(s) have no \"answer\" field (first: line {missing[0] + 1})")
     pair_acc, n_pairs = pair_accuracy(model, tokenizer, pairs, args.max_seq_len, args.batch_size, args.device)
-    texts, lengths = greedy_responses(model, tokenizer, [p["prompt"] for p in prompts], args.max_new_tokens,
-                                      args.batch_size, args.device)
+    texts, lengths = generate_responses(model, tokenizer, [p["prompt"] for p in prompts], args.max_new_tokens,
+                                        args.batch_size, args.device)
+    scores = rates(answer_sums(prompts, texts, lengths))
     correct = [is_correct(t, p["answer"]) for t, p in zip(texts, prompts)]
     by_task = defaultdict(list)
     for ok, p in zip(correct, prompts):
         by_task[p.get("task", "all")].append(ok)
     return {
-        "pair_acc": round(pair_acc, 4), "answer_acc": round(sum(correct) / len(correct), 4),
-        "mean_len": round(sum(lengths) / len(lengths), 2), "n_pairs": n_pairs, "n_prompts": len(prompts),
+        "pair_acc": round(pair_acc, 4), "answer_acc": round(scores["answer_acc"], 4),
+        "mean_len": round(scores["mean_len"], 2), "n_pairs": n_pairs, "n_prompts": len(prompts),
         "answer_acc_by_task": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_task.items())},
         "examples": [{"prompt": p["prompt"][-1]["content"], "response": t, "answer": p["answer"]}
                      for p, t in list(zip(prompts, texts))[:3]],

@@ -11,6 +11,9 @@ PPO-clip loss with that advantage plus beta * k3 KL to the frozen reference (the
 with the LoRA adapters off). This is what the literature calls GRPO (DeepSeekMath) or, with
 ``--baseline loo --scale_rewards none``, RLOO. ``--adv_level group`` is the chapter's literal
 A_g: each group's mean reward, z-scored across the groups of the batch, for all its responses.
+``--loss_type`` picks how the per-token losses add up (dapo, the default: a token mean over the
+whole optimizer step; grpo, bnpo, dr_grpo, cispo, seed_sum; see utils.rl.policy_loss), and
+``--importance_sampling_level sequence`` is GSPO's per-response ratio.
 
 One step = one batch of --batch_size prompts per process: sampling, scoring, then
 --ppo_epochs passes over its samples in mini-batches of --mini_batch_size, one optimizer
@@ -24,8 +27,7 @@ from dataset.data import load_prompts
 from utils.args import add_common_args, add_reward_args, add_rollout_args
 from utils.errors import run_cli
 from utils.rewards import check_answers, rewards_from_args
-from utils.rl import (LOSS_AGGREGATIONS, add_group_args, check_rl_args, make_group_step, reward_samples,
-                      start_group_run)
+from utils.rl import add_group_args, check_rl_args, make_group_step, reward_samples, start_group_run
 from utils.train import Job
 
 
@@ -44,8 +46,6 @@ def parse_args(argv=None):
                    help="divide advantages by the group's reward std, the batch's, or nothing (default: %(default)s)")
     g.add_argument("--adv_level", choices=["sample", "group"], default="sample",
                    help="sample: one advantage per response; group: the seed's A_g per group (default: %(default)s)")
-    g.add_argument("--loss_agg", choices=LOSS_AGGREGATIONS, default="token_mean",
-                   help="average the loss over all response tokens, or per response then over responses (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -61,8 +61,7 @@ def build(args) -> Job:
     def score(rows, rollout):
         return reward_samples(rewards, rows, rollout.texts, G)
 
-    step = make_group_step(run, order, prompts, prompt_ids, engine, optimizer, score, loss_agg=args.loss_agg,
-                           baseline=args.baseline, scale=args.scale_rewards, level=args.adv_level)
+    step = make_group_step(run, order, prompts, prompt_ids, engine, optimizer, score, baseline=args.baseline, scale=args.scale_rewards, level=args.adv_level)
     return Job(run, order, optimizer, step, "gpo", {"reward_funcs": args.reward_funcs})
 
 

@@ -16,7 +16,8 @@ rest, i.e. it sharpens the model's distribution towards its own preferences (sel
 training, like entropy minimisation). Without a reference to hold it, that collapses into short
 or repeated text ("No Free Lunch", arXiv 2506.17219), so the KL term is on by default and
 entropy, length and repetition are logged. ``--reward_funcs`` / ``--reward_model`` add an
-external reward, weighted against the self-reward by ``--self_reward_weight``.
+external reward, weighted against the self-reward by ``--self_reward_weight``. ``--loss_type
+seed_sum`` (the default) is the chapter's sum; the other loss types of train_gpo.py apply too.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def parse_args(argv=None):
                     save_interval=50, use_lora=1)
     add_rollout_args(parser, num_generations=8, max_gen_len=48)
     add_reward_args(parser, reward_funcs="")
-    add_group_args(parser, beta=0.1)
+    add_group_args(parser, beta=0.1, loss_type="seed_sum")
     g = parser.add_argument_group("GRPO")
     g.add_argument("--logp_reduce", choices=["mean", "sum"], default="mean",
                    help="the self-reward and log pi(y|x): mean per token, or sum (the chapter's literal form) "
@@ -71,10 +72,10 @@ def build(args) -> Job:
             total, parts = total + extra, {**parts, **extra_parts}
         return total, parts
 
-    # Sum over a group's samples, mean over prompts: the chapter's -E_x[sum_i A_i log pi(y_i|x)].
-    loss_agg = "seq_mean_group_sum" if args.logp_reduce == "mean" else "seq_sum_group_sum"
-    step = make_group_step(run, order, prompts, prompt_ids, engine, optimizer, score, loss_agg=loss_agg,
-                           baseline="mean", scale=args.scale_rewards, level="sample")
+    # seed_sum: sum over a group's samples, mean over prompts, the chapter's -E_x[sum_i A_i log pi(y_i|x)],
+    # with log pi(y|x) reduced over tokens as --logp_reduce says.
+    step = make_group_step(run, order, prompts, prompt_ids, engine, optimizer, score, baseline="mean",
+                           scale=args.scale_rewards, level="sample", seq_reduce=args.logp_reduce)
     return Job(run, order, optimizer, step, "grpo", {"logp_reduce": args.logp_reduce})
 
 

@@ -66,9 +66,18 @@ def critic_dir(actor_dir):
     return actor_dir.replace("ppo_actor", "ppo_critic")
 
 
-def test_tiny_run_logs_every_metric_and_saves_actor_and_critic(tmp_path, prompts, tiny_dir, capsys):
+def test_tiny_run_logs_every_metric_and_saves_actor_and_critic(tmp_path, prompts, tiny_dir, capsys, monkeypatch):
+    import utils.rl
+    calls, policy_loss = [], utils.rl.policy_loss
+
+    def recording(logps, old_logps, *a, **kw):
+        calls.append((logps.detach().clone(), old_logps.clone()))
+        return policy_loss(logps, old_logps, *a, **kw)
+    monkeypatch.setattr(utils.rl, "policy_loss", recording)
     out = train_ppo.main(args_for(tmp_path, prompts, tiny_dir, "--max_steps", "2", "--debug_mode", "--debug_interval",
                                   "1", "--missing_eos_penalty", "1", "--critic_learning_rate", "3e-3"))
+    assert torch.equal(*calls[0])                 # the first update's ratio is exactly 1: old and new, one computation
+    assert not torch.equal(*calls[-1])            # ... and later ones have moved
     assert out.endswith("ppo_actor_32")
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "minialign.json"]
     actor = tensors(out)

@@ -6,7 +6,7 @@ import torch
 
 from utils.ppo import (approx_kl, clipped_value_loss, explained_variance, gae, kl_per_token, masked_whiten,
                        token_rewards)
-from utils.rl import clipped_policy_loss
+from utils.rl import policy_loss
 
 # One sample, L = 5 predicted tokens: a prompt position, three response tokens, a pad.
 MASK = torch.tensor([[0, 1, 1, 1, 0]])
@@ -125,12 +125,12 @@ def test_per_token_advantages_in_the_clipped_loss():
     old = torch.log(torch.tensor([[0.5, 0.4, 0.5]]))                 # ratios 1, 1.5, 1.8
     adv = torch.tensor([[9.0, 2.0, -1.0]])
     mask = torch.tensor([[0, 1, 1]])
-    loss, m = clipped_policy_loss(logps, old, adv, mask, epsilon=0.2)
+    loss, m = policy_loss(logps, old, adv, mask, epsilon=0.2)
     # token 1: -min(1.5*2, 1.2*2) = -2.4 (clipped); token 2: -min(-1.8, -1.2) = 1.8 (unclipped)
     assert float(loss) == pytest.approx((-2.4 + 1.8) / 2)
     assert float(m["clip_ratio"]) == pytest.approx(0.5)
-    per_sample, _ = clipped_policy_loss(logps, old, torch.tensor([2.0]), mask, epsilon=0.2)
-    shared, _ = clipped_policy_loss(logps, old, torch.tensor([[2.0, 2.0, 2.0]]), mask, epsilon=0.2)
+    per_sample, _ = policy_loss(logps, old, torch.tensor([2.0]), mask, epsilon=0.2)
+    shared, _ = policy_loss(logps, old, torch.tensor([[2.0, 2.0, 2.0]]), mask, epsilon=0.2)
     assert float(per_sample) == float(shared)                        # (N,) is (N, L) with one value per row
 
 

@@ -14,7 +14,7 @@ from utils.logprobs import (grouped_token_logprobs, model_sequence_logprobs, mod
                             packed_prompt_logprobs, policy_forward, shared_prompt_logprobs, takes_tree_mask)
 from utils.losses import dpo_loss
 from utils.packing import first_fit, pack_groups
-from utils.rl import clipped_policy_loss, shuffled_rows
+from utils.rl import policy_loss, shuffled_rows
 
 WAYS = ["packed", "cached", "packed-eager"]      # how the grouped forward runs
 
@@ -95,9 +95,9 @@ def test_group_loss_equals_the_straightforward_loss(adapted, way, monkeypatch):
         sampled = model_token_logprobs(model, seqs, am, 1.0, first) * mask
         model.train()
     shared, _ = grouped_token_logprobs(model, seqs, am, first, G, packed=packed)
-    fast, m_fast = clipped_policy_loss(shared, shared.detach(), adv, mask, 0.2, None, ref, 0.04, "token_mean", G)
+    fast, m_fast = policy_loss(shared, shared.detach(), adv, mask, 0.2, None, ref, 0.04, "dapo", G)
     plain = model_token_logprobs(model, seqs, am, 1.0, first)
-    slow, m_slow = clipped_policy_loss(plain, sampled, adv, mask, 0.2, None, ref, 0.04, "token_mean", G)
+    slow, m_slow = policy_loss(plain, sampled, adv, mask, 0.2, None, ref, 0.04, "dapo", G)
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
     torch.testing.assert_close(m_fast["kl"], m_slow["kl"], atol=1e-6, rtol=0)
     g_fast, g_slow = grads(model, fast), grads(model, slow)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from model import LMConfig, apply_lora, build_model
-from utils.checkpoint import capture_rng, check_resume_args, restore_rng
+from utils.checkpoint import capture_rng, check_resume_args, restore_rng, upgraded_resume_args
 from utils.errors import UserError
 from utils.logging import RunLogger, WandbLogger
 from utils.runtime import DistInfo, autocast_context, check_device, grad_scaler
 from utils.schedule import cosine_lr
-from utils.train import DataOrder
+from utils.train import DataOrder, rescaled_position
 
 
 def test_cosine_schedule_matches_minimind():
@@ -60,6 +60,30 @@ def test_resume_args_difference_is_named():
     check_resume_args({"beta": 1.0, "device": "cuda:0"}, {"beta": 1.0, "device": "cpu"}, "f")  # device may change
     with pytest.raises(UserError, match=r"--beta 1.0 -> 2.0"):
         check_resume_args({"beta": 1.0}, {"beta": 2.0}, "f")
+
+
+def test_resume_files_written_with_loss_agg_still_resume():
+    """--loss_agg token_mean | seq_mean is --loss_type dapo | grpo; a file from before --loss_type
+    (GRPO's, PPO's) and before the newer flags resumes with their do-what-it-did values."""
+    now = {"beta": 1.0, "loss_type": "dapo", "importance_sampling_level": "token", "mask_truncated": 0,
+           "overlong_penalty": 0, "drop_zero_std": 0}
+    old_gpo = {"beta": 1.0, "loss_agg": "token_mean"}
+    check_resume_args(upgraded_resume_args(old_gpo, now), now, "f")
+    with pytest.raises(UserError, match=r"--loss_type 'grpo' -> 'dapo'"):
+        check_resume_args(upgraded_resume_args({"beta": 1.0, "loss_agg": "seq_mean"}, now), now, "f")
+    check_resume_args(upgraded_resume_args({"beta": 1.0}, {**now, "loss_type": "seed_sum"}),
+                      {**now, "loss_type": "seed_sum"}, "f")
+    with pytest.raises(UserError, match=r"--drop_zero_std 0 -> 1"):
+        check_resume_args(upgraded_resume_args(old_gpo, {**now, "drop_zero_std": 1}), {**now, "drop_zero_std": 1}, "f")
+
+
+def test_resume_on_another_world_size_keeps_the_examples_seen():
+    """RL: one prompt batch per step whatever --accumulation_steps: step 100 on 2 processes is
+    step 50 on 4, not 12. Supervised, 4 micro-batches per step: micro 400 on 2 (step 100) is 200 on 4, step 50."""
+    assert rescaled_position(100, 2, 4, 1) == (50, 50)
+    assert rescaled_position(400, 2, 4, 4) == (50, 200)
+    assert rescaled_position(6, 2, 4, 2) == (1, 2)            # 3 micro-batches: a whole step, the rest redone
+    assert rescaled_position(3, 2, 1, 1) == (6, 6)
 
 
 def test_logger_writes_metrics_every_interval(tmp_path):

@@ -113,6 +113,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
     g.add_argument("--log_interval", type=int, default=log_interval, help="log every N optimizer steps (default: %(default)s)")
     g.add_argument("--use_wandb", action="store_true", help="log to wandb (offline if not logged in)")
     g.add_argument("--wandb_project", default="MiniAlign", help="wandb project (default: %(default)s)")
+    from utils.evaluation import add_eval_args
+    add_eval_args(parser)
 
 
 def add_rollout_args(parser: argparse.ArgumentParser, *, num_generations: int = 8, max_gen_len: int = 64,

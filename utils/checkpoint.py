@@ -29,7 +29,9 @@ from utils.files import atomic_file
 # Args that may change between a run and its resume without changing what is trained.
 RESUME_FREE_ARGS = {"from_resume", "device", "log_interval", "save_interval", "use_wandb", "wandb_project",
                     "num_workers", "max_steps", "epochs", "checkpoint_dir", "save_dir", "keep_checkpoints",
-                    "max_bad_steps", "merge_for_sampling"}
+                    "max_bad_steps", "merge_for_sampling",
+                    # evaluation reads the weights and draws from its own generator: it changes no training
+                    "eval_data", "eval_interval", "eval_samples", "eval_max_new_tokens", "save_best", "best_metric"}
 
 
 def resume_path(checkpoint_dir: str, save_weight: str, hidden_size: int, use_moe: bool) -> str:
@@ -149,6 +151,29 @@ def other_size_resume_files(checkpoint_dir: str, save_weight: str, path: str) ->
     pattern = re.compile(re.escape(save_weight) + r"_\d+(_moe)?_resume\.pth")
     return sorted(f for f in glob.glob(os.path.join(glob.escape(checkpoint_dir), glob.escape(save_weight) + "_*_resume.pth"))
                   if pattern.fullmatch(os.path.basename(f)) and os.path.abspath(f) != os.path.abspath(path))
+
+
+# Flags added after resume files were first written, with the value that does what a run written
+# before them did; --loss_agg was renamed --loss_type (token_mean: dapo, seq_mean: grpo).
+FLAGS_ADDED_LATER = {"importance_sampling_level": "token", "mask_truncated": 0, "overlong_penalty": 0,
+                     "drop_zero_std": 0}
+OLD_LOSS_AGG = {"token_mean": "dapo", "seq_mean": "grpo"}
+
+
+def upgraded_resume_args(saved: dict, current: dict) -> dict:
+    """A resume file's arguments in today's spelling: --loss_agg X is --loss_type of X, a file
+    from before --loss_type had the one loss its script then had (the current --loss_type), and
+    flags added since take the value that does what the run did then."""
+    saved = dict(saved)
+    if "loss_agg" in saved:
+        old = saved.pop("loss_agg")
+        saved["loss_type"] = OLD_LOSS_AGG.get(old, old)
+    if "loss_type" in current and "loss_type" not in saved:
+        saved["loss_type"] = current["loss_type"]
+    for k, v in FLAGS_ADDED_LATER.items():
+        if k in current and k not in saved:
+            saved[k] = v
+    return saved
 
 
 def check_resume_args(saved: dict, current: dict, path: str) -> None:

@@ -82,16 +82,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       mask: torch.Tensor, clip: float, normaliser=None) -> tuple[torch.Tensor, torch.Tensor]:
     """0.5 * mean over response tokens of max((V - R)^2, (V_clip - R)^2), with
     V_clip = V_old + clamp(V - V_old, -clip, clip); clip <= 0: the plain squared error.
+    normaliser: what the token sum is divided by (default: this batch's response tokens; the
+    step's, from utils.rl.step_normalisers, under accumulation or torchrun).
     Returns (loss, share of tokens where the clipped term is the larger)."""
+    m = mask.to(values.dtype)
+    normaliser = m.sum().clamp(min=1) if normaliser is None else normaliser
     unclipped = (values - returns) ** 2
     if clip <= 0:
-        return 0.5 * masked_mean(unclipped, mask), torch.zeros((), device=values.device)
+        return 0.5 * (unclipped * m).sum() / normaliser, torch.zeros((), device=values.device)
     v_clip = old_values + torch.clamp(values - old_values, -clip, clip)
     clipped = (v_clip - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = 0.5 * (torch.maximum(unclipped, clipped) * m).sum() / normaliser
     return loss, masked_mean((clipped > unclipped).to(values.dtype), mask).detach()
 
 
@@ -114,9 +118,14 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 # ----------------------------------------------------------------------------- set-up and one step
 def add_ppo_args(parser) -> None:
     """PPO's own flags (MiniMind's names where it has them)."""
-    from utils.rl import add_debug_args
+    from utils.rl import AGGREGATION_TYPES, add_debug_args, add_loss_type_arg
     g = parser.add_argument_group("PPO")
     g.add_argument("--clip_epsilon", type=float, default=0.2, help="policy ratio clip range (default: %(default)s)")
+    add_loss_type_arg(g, AGGREGATION_TYPES, "dapo",
+                      "how the policy loss's per-token terms add up, the aggregations of train_gpo.py: dapo (token "
+                      "sum / tokens of the whole optimizer step), grpo (per-response token mean, then mean), bnpo "
+                      "(token mean of each micro-batch), dr_grpo (token sum / (responses x --max_gen_len)); cispo "
+                      "and seed_sum are for the group scripts only")
     g.add_argument("--vf_coef", type=float, default=0.5, help="weight of the value loss (default: %(default)s)")
     g.add_argument("--kl_coef", type=float, default=0.02,
                    help="per-token KL penalty to the reference, in the reward (default: %(default)s; 0: no reference forward)")
@@ -212,7 +221,8 @@ def make_ppo_step(run, order, prompts: list[dict], prompt_ids: list[list[int]], 
     (scores (N,), {name: (N,)})``), per-token rewards with the KL penalty, GAE from the critic's
     values, whitened advantages, then --ppo_update_iters passes over mini-batches, each one
     update of both the policy and the critic, until approx_kl passes --early_stop_kl."""
-    from utils.rl import clipped_policy_loss, completion_metrics, print_samples, reference_logprobs, sample_and_score
+    from utils.logprobs import policy_forward
+    from utils.rl import completion_metrics, policy_loss, print_samples, sample_and_score, step_normalisers
     from utils.train import step_optimizers
     args, G = run.args, run.args.num_generations
     opts = list(optimizers.values())
@@ -224,40 +234,55 @@ def make_ppo_step(run, order, prompts: list[dict], prompt_ids: list[list[int]], 
         N, dev = scores.numel(), run.device
         seqs, am, first = rollout.sequences, rollout.attention_mask, rollout.prompt_len
         mask = rollout.response_mask[:, 1:].to(dev)                             # (N, L)
-        old_logps = rollout.logps
-        with torch.no_grad(), run.autocast():
-            old_values = torch.cat([run.base_model.values(seqs[i:i + 64], am[i:i + 64])[:, :-1]
-                                    for i in range(0, N, 64)]).float() * mask
-        if args.kl_coef > 0:
-            kl = kl_per_token(old_logps, reference_logprobs(run, seqs, am, args.temperature, first, G), args.kl_estimator)
-        else:
-            kl = torch.zeros_like(old_logps)
+        mb = args.mini_batch_size or N
+        micro = mb // args.accumulation_steps
+        shuffle = args.ppo_update_iters > 1 or mb < N
+        perms = [torch.randperm(N) if shuffle else torch.arange(N) for _ in range(args.ppo_update_iters)]
+        # Old log-probs and values from the forward the update makes, on the first pass's very
+        # micro-batches: the first update's ratio is exactly 1 (and no other forward is needed);
+        # the reference's from that forward too, so the KL of an unchanged policy is exactly 0.
+        old_logps, old_values, ref_logps = (torch.zeros(mask.shape, device=dev) for _ in range(3))
+        for start in range(0, N, micro):
+            idx = perms[0][start:start + micro].to(dev)
+            with run.autocast():
+                logps, values, _ = run.base_model(seqs[idx], am[idx], first, args.temperature)
+            old_logps[idx], old_values[idx] = logps.detach().float(), values.detach().float()
+            if args.kl_coef > 0:
+                with run.reference_model() as ref, run.autocast():
+                    ref_logps[idx] = policy_forward(ref, seqs[idx], am[idx], args.temperature, first)[0].float()
+        old_values = old_values * mask
+        kl = kl_per_token(old_logps, ref_logps, args.kl_estimator) if args.kl_coef > 0 else torch.zeros_like(old_logps)
         kl = kl.float() * mask
         rewards = token_rewards(scores.to(dev), kl, mask, args.kl_coef)
         advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
         advantages = masked_whiten(advantages, mask, all_sum=run.all_sum)
 
-        mb = args.mini_batch_size or N
-        micro = mb // args.accumulation_steps
         sums, batches, updates = {}, 0, 0
-        for _ in range(args.ppo_update_iters):
-            perm = torch.randperm(N) if (args.ppo_update_iters > 1 or mb < N) else torch.arange(N)
+        for perm in perms:
             for start in range(0, N, mb):
-                chunk, part = perm[start:start + mb], {}
-                for k in range(args.accumulation_steps):
-                    idx = chunk[k * micro:(k + 1) * micro].to(dev)
-                    m_idx = mask[idx]
+                parts_idx = [perm[start + k * micro:start + (k + 1) * micro].to(dev)
+                             for k in range(args.accumulation_steps)]
+                masks = [mask[idx] for idx in parts_idx]
+                pg_norms = step_normalisers(masks, args.loss_type, G, args.max_gen_len, run.all_sum, run.dist.world_size)
+                vf_norms = step_normalisers(masks, "dapo", G, args.max_gen_len, run.all_sum, run.dist.world_size)
+                part = {}
+                for k, idx in enumerate(parts_idx):
+                    m_idx = masks[k]
                     with run.grad_sync(k):
                         with run.autocast():
                             logps, values, ent = run.model(seqs[idx], am[idx], first, args.temperature, with_entropy=True)
-                        pg_loss, m = clipped_policy_loss(logps, old_logps[idx], advantages[idx], m_idx, args.clip_epsilon)
+                        pg_loss, m = policy_loss(logps, old_logps[idx], advantages[idx], m_idx, args.clip_epsilon,
+                                                 loss_type=args.loss_type, G=G, normaliser=pg_norms[k],
+                                                 max_gen_len=args.max_gen_len)
                         vf_loss, vclip = clipped_value_loss(values.float(), old_values[idx], returns[idx], m_idx,
-                                                            args.cliprange_value)
-                        run.backward((pg_loss + args.vf_coef * vf_loss) * (len(idx) / mb))
-                    m.update(loss=pg_loss.detach(), value_loss=vf_loss.detach(), value_clip_ratio=vclip,
-                             approx_kl=approx_kl(logps, old_logps[idx], m_idx), entropy=masked_mean(ent, m_idx))
+                                                            args.cliprange_value, vf_norms[k])
+                        run.backward(pg_loss + args.vf_coef * vf_loss)
+                    m.update(value_clip_ratio=vclip, approx_kl=approx_kl(logps, old_logps[idx], m_idx),
+                             entropy=masked_mean(ent, m_idx))
                     for key, v in m.items():
                         part[key] = part.get(key, 0.0) + float(v) * len(idx) / mb
+                    for key, v in (("loss", pg_loss), ("value_loss", vf_loss)):    # the step's losses: summed
+                        part[key] = part.get(key, 0.0) + float(v.detach())
                 batches += 1
                 for key, v in part.items():
                     sums[key] = sums.get(key, 0.0) + v

@@ -5,12 +5,20 @@ prompt g), T tokens, L = T-1 predicted tokens (utils.logprobs.token_logprobs's l
 """
 from __future__ import annotations
 
+import argparse
+import os
+
 import torch
 
+from utils.checkpoint import OLD_LOSS_AGG   # --loss_agg, the old spelling of --loss_type
 from utils.logprobs import chunked_grouped_logprobs, grouped_token_logprobs, masked_reduce
 
 ADV_EPS = 1e-4
-LOSS_AGGREGATIONS = ("token_mean", "seq_mean")   # the user's choice in train_gpo.py
+# --loss_type of the group scripts (utils.rl.policy_loss); PPO takes the aggregations only.
+LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "seed_sum")
+AGGREGATION_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+IS_LEVELS = ("token", "sequence")
+CISPO_EPSILON_HIGH = 5.0                                        # MiniMind's default cap of the CISPO ratio
 
 
 def group_advantages(rewards: torch.Tensor, G: int, baseline: str = "mean", scale: str = "group",
@@ -58,74 +66,208 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str, G: int = 1) -> torch.Tensor:
-    """One number from per-token values (N, L) over mask (N, L).
+def loss_normaliser(loss_mask: torch.Tensor, loss_type: str, G: int = 1, max_gen_len: int | None = None) -> torch.Tensor:
+    """The count ``loss_type`` divides its summed loss by, over the rows of loss_mask (N, L).
 
-    token_mean: mean over every response token of the batch (long answers weigh more);
-    seq_mean: mean over each response's tokens, then over responses;
-    seq_sum_group_sum: sum over each response's tokens and over the G responses of a group,
-      mean over groups (the seed's -E_x[sum_i A_i log pi(y_i|x)] with log pi the sum).
+    dapo, cispo, bnpo: response tokens in the loss;  grpo: sequences in the loss (rows with a token
+    in it);  dr_grpo: those sequences x max_gen_len;  seed_sum: those sequences / G (groups).
+    A 0-d float tensor; utils.rl.step_normalisers sums it over a whole optimizer step.
     """
-    mask = mask.to(values.dtype)
-    if how == "token_mean":
-        return (values * mask).sum() / mask.sum().clamp(min=1)
-    if how == "seq_mean":
-        return masked_reduce(values, mask, "mean").mean()
-    if how == "seq_sum_group_sum":
-        return masked_reduce(values, mask, "sum").sum() / (values.shape[0] / G)
-    if how == "seq_mean_group_sum":
-        return masked_reduce(values, mask, "mean").sum() / (values.shape[0] / G)
-    raise ValueError(f"unknown aggregation {how!r}")
+    m = loss_mask.to(torch.float32)
+    if loss_type in ("dapo", "cispo", "bnpo"):
+        return m.sum()
+    rows = m.amax(-1).sum() if m.numel() else m.sum()
+    if loss_type == "grpo":
+        return rows
+    if loss_type == "dr_grpo":
+        if not max_gen_len:
+            raise ValueError("dr_grpo divides by sequences x max_gen_len: give max_gen_len")
+        return rows * max_gen_len
+    if loss_type == "seed_sum":
+        return rows / G
+    raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
 
 
-def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                        response_mask: torch.Tensor, epsilon: float = 0.2, epsilon_high: float | None = None,
-                        ref_logps: torch.Tensor | None = None, beta: float = 0.0, loss_agg: str = "token_mean",
-                        G: int = 1):
-    """PPO-clip loss with one advantage per sample, plus beta * k3 KL to the reference.
+def summed_loss(per_token: torch.Tensor, loss_mask: torch.Tensor, loss_type: str, seq_reduce: str = "sum") -> torch.Tensor:
+    """The numerator of ``loss_type``: per-token losses (N, L) summed over loss_mask (N, L) as the
+    type weighs them. grpo sums each sequence's token mean; seed_sum each sequence's token sum
+    (or mean, seq_reduce "mean"); every other type sums the tokens themselves."""
+    if loss_type == "grpo":
+        return masked_reduce(per_token, loss_mask, "mean").sum()
+    if loss_type == "seed_sum":
+        return masked_reduce(per_token, loss_mask, seq_reduce).sum()
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    return (per_token * loss_mask.to(per_token.dtype)).sum()
+
+
+def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                response_mask: torch.Tensor, epsilon: float = 0.2, epsilon_high: float | None = None,
+                ref_logps: torch.Tensor | None = None, beta: float = 0.0, loss_type: str = "dapo", G: int = 1, *,
+                importance_sampling_level: str = "token", normaliser: torch.Tensor | float | None = None,
+                max_gen_len: int | None = None, seq_reduce: str = "sum"):
+    """The policy-gradient loss of the group methods (and PPO's), one of ``loss_type``, plus
+    beta * k3 KL to the reference.
 
     logps, old_logps, ref_logps, response_mask: (N, L); advantages: (N,), one per sample, or
-    (N, L), one per token (PPO's GAE).
-    Per token, ratio = exp(logp - old_logp) and
-        loss_t = max(-A ratio, -A clip(ratio, 1 - epsilon, 1 + epsilon_high)) + beta k3_t
-    so the update stops where the ratio has left [1 - epsilon, 1 + epsilon_high] in the
-    direction the advantage pushes it. Returns (loss, metrics) with clip_ratio (share of response
-    tokens where the clip is active) and kl (mean k3 per response token).
+    (N, L), one per token (PPO's GAE). response_mask is the loss mask: tokens off it count nowhere.
+
+    Ratio: token level r_t = exp(logp_t - old_t); sequence level (GSPO, Zheng et al. 2025)
+    s = exp(mean over the sequence's tokens of (logp_t - old_t)), one per sequence for all its tokens.
+    Per token, with A the advantage and sg() stop-gradient:
+        every type but cispo  l_t = max(-A r, -A clip(r, 1 - epsilon, 1 + epsilon_high))   (PPO-clip)
+        cispo                 l_t = -sg(min(r, epsilon_high)) A logp_t      (MiniMax-M1; MiniMind, TRL)
+    then l_t += beta k3_t, and the loss is summed_loss / normaliser:
+        dapo     sum of l_t / response tokens              (DAPO: each token weighs the same)
+        cispo    as dapo
+        grpo     sum over sequences of their token mean / sequences    (DeepSeekMath)
+        bnpo     as dapo, but over the local batch only (TRL's bnpo)
+        dr_grpo  sum of l_t / (sequences x max_gen_len), a constant    (Dr. GRPO, Liu et al. 2025)
+        seed_sum sum over sequences of their token sum (seq_reduce "mean": token mean) / groups:
+                 the chapter's -E_x[sum_i A_i log pi(y_i|x)]
+    normaliser None: this batch's own count (loss_normaliser); under gradient accumulation or
+    torchrun the caller passes the whole optimizer step's count (utils.rl.step_normalisers), so
+    the micro-batch losses add up to the loss of the whole step. These match TRL's
+    GRPOTrainer._compute_loss per type. epsilon_high None: epsilon, or 5.0 under cispo (MiniMind's
+    cap). Returns (loss, metrics) with clip_ratio (share of loss
+    tokens where the clip, or cispo's cap, is active) and kl (mean k3 per loss token).
     """
-    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    if epsilon_high is None:
+        epsilon_high = CISPO_EPSILON_HIGH if loss_type == "cispo" else epsilon
     mask = response_mask.to(logps.dtype)
-    ratio = torch.exp(logps - old_logps.detach())
+    log_ratio = logps - old_logps.detach()
+    if importance_sampling_level == "sequence":
+        log_ratio = (masked_reduce(log_ratio, mask, "mean"))[:, None]                 # (N, 1)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio)                                                      # (N, L) or (N, 1)
     adv = advantages.detach().to(logps.dtype)
     adv = adv[:, None] if adv.dim() == 1 else adv
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
-    per_token = torch.maximum(unclipped, clipped)
+    if loss_type == "cispo":
+        capped = torch.clamp(ratio, max=epsilon_high).detach()
+        per_token = -capped * adv * logps
+        active = (ratio > epsilon_high).expand_as(logps)
+    else:
+        unclipped = -adv * ratio
+        clipped = -adv * torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+        per_token = torch.maximum(unclipped, clipped).expand_as(logps)
+        active = (clipped > unclipped).expand_as(logps)
+    count = mask.sum().clamp(min=1)
     metrics = {}
     if ref_logps is not None:
         kl = k3_kl(logps, ref_logps.detach())
         if beta:
             per_token = per_token + beta * kl
-        metrics["kl"] = ((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
-    loss = aggregate(per_token, mask, loss_agg, G)
+        metrics["kl"] = (kl.detach() * mask).sum() / count
+    if normaliser is None:
+        normaliser = loss_normaliser(mask, loss_type, G, max_gen_len)
+    loss = summed_loss(per_token, mask, loss_type, seq_reduce) / torch.as_tensor(normaliser).clamp(min=1e-8)
     with torch.no_grad():
-        metrics["clip_ratio"] = ((clipped > unclipped).to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)
+        metrics["clip_ratio"] = (active.to(mask.dtype) * mask).sum() / count
     return loss, metrics
 
 
+def step_normalisers(loss_masks: list[torch.Tensor], loss_type: str, G: int = 1, max_gen_len: int | None = None,
+                     all_sum=None, world_size: int = 1) -> list[torch.Tensor]:
+    """The normaliser of each micro-batch of one optimizer step, from their loss masks (n_k, L),
+    computed before any backward.
+
+    Every type but bnpo: the step's count (loss_normaliser) over all its micro-batches and, through
+    ``all_sum`` (utils.train.Run.all_sum), all ranks, divided by the number of ranks because DDP
+    averages the ranks' gradients. The micro-batch losses then add up, over micro-batches and
+    ranks, to the loss of the whole step: its gradient does not depend on how the step is cut.
+    bnpo is local by definition: each micro-batch's own token count times the number of
+    micro-batches (the mean of the micro-batches' token means, as TRL's bnpo under accumulation).
+    """
+    counts = [loss_normaliser(m, loss_type, G, max_gen_len) for m in loss_masks]
+    if loss_type == "bnpo":
+        return [c.clamp(min=1) * len(loss_masks) for c in counts]
+    total = torch.stack(counts).sum()
+    if all_sum is not None:
+        total = all_sum(total)
+    return [total.clamp(min=1e-8) / world_size] * len(loss_masks)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_gen_len: int, cache: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) of response lengths (N,) in tokens:
+    0 up to max_gen_len - cache, then falling linearly, (max_gen_len - cache - |y|) / cache, to -1
+    at max_gen_len (no response is longer: sampling stops there). Added to the reward."""
+    if cache < 1 or cache > max_gen_len:
+        raise ValueError(f"the overlong cache must be in [1, max_gen_len={max_gen_len}], got {cache}")
+    return ((max_gen_len - cache - lengths.float()) / cache).clamp(max=0.0)
+
+
+def group_loss_mask(response_mask: torch.Tensor, ended: torch.Tensor, zero_std: torch.Tensor,
+                    mask_truncated: bool, drop_zero_std: bool) -> torch.Tensor:
+    """The loss mask (N, L): response_mask (N, L) without the rows of responses that never ended
+    (ended (N,) False; with mask_truncated) and of groups with no reward signal (zero_std (N,)
+    True; with drop_zero_std). Those rows count nowhere: not in the loss, not in its normaliser."""
+    keep = torch.ones(response_mask.shape[0], dtype=torch.bool, device=response_mask.device)
+    if mask_truncated:
+        keep &= ended.to(keep.device)
+    if drop_zero_std:
+        keep &= ~zero_std.to(keep.device)
+    return response_mask * keep[:, None].to(response_mask.dtype)
+
+
+def zero_std_groups(rewards: torch.Tensor, G: int) -> torch.Tensor:
+    """(N,) bool: the samples of groups whose G rewards (N,) are all equal (no signal: advantage 0)."""
+    return (rewards.float().view(-1, G).std(1) < 1e-8).repeat_interleave(G)
+
+
 # ----------------------------------------------------------------------------- one training step
-def add_group_args(parser, *, beta: float, ppo_epochs: int = 1) -> None:
+def add_group_args(parser, *, beta: float, loss_type: str = "dapo", ppo_epochs: int = 1) -> None:
     """The policy-update flags GPO and GRPO share."""
     g = parser.add_argument_group("policy update")
     g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip range below 1 (default: %(default)s)")
     g.add_argument("--epsilon_high", type=float, default=None,
-                   help="clip range above 1 (default: --epsilon; larger values, e.g. 0.28, are DAPO's clip-higher)")
+                   help="clip range above 1; larger values, e.g. 0.28, are DAPO's clip-higher; under cispo the cap "
+                        f"of the ratio (default: --epsilon, {CISPO_EPSILON_HIGH} under cispo)")
     g.add_argument("--beta", type=float, default=beta, help="weight of the k3 KL to the reference; 0: no reference "
                    "forward (default: %(default)s)")
+    add_loss_type_arg(g, LOSS_TYPES, loss_type,
+                      "dapo: token sum / tokens of the whole optimizer step (DAPO; what token_mean means); "
+                      "grpo: each response's token mean, then mean over responses (DeepSeekMath); bnpo: token mean "
+                      "of each micro-batch; dr_grpo: token sum / (responses x --max_gen_len) (Dr. GRPO); cispo: the "
+                      "ratio capped at --epsilon_high and detached weights the log-prob, aggregated as dapo "
+                      "(MiniMax-M1, MiniMind); seed_sum: the chapter's -sum_i A_i log pi(y_i|x) per group, mean over "
+                      "groups")
+    g.add_argument("--importance_sampling_level", choices=IS_LEVELS, default="token",
+                   help="token: one ratio per token; sequence: GSPO's exp(mean over the response of log r), clipped "
+                        "per response (default: %(default)s)")
+    g.add_argument("--mask_truncated", type=int, choices=[0, 1], default=0,
+                   help="1: responses that reach --max_gen_len without an end token count nowhere in the loss "
+                        "(still logged) (default: 0)")
+    g.add_argument("--overlong_penalty", type=int, default=0,
+                   help="L > 0: DAPO's soft overlong penalty, added to the reward, falling from 0 to -1 over the "
+                        "last L tokens before --max_gen_len (default: 0, off)")
+    g.add_argument("--drop_zero_std", type=int, choices=[0, 1], default=0,
+                   help="1: groups whose rewards are all equal count nowhere in the loss or its token count "
+                        "(logged as groups_used) (default: 0)")
     g.add_argument("--ppo_epochs", type=int, default=ppo_epochs,
                    help="passes over each rollout batch; old log-probs are the sampling-time ones (default: %(default)s)")
     g.add_argument("--mini_batch_size", type=int, default=0,
                    help="samples per optimizer update within a rollout batch; 0: all of them (default: 0)")
     add_debug_args(g)
+
+
+def add_loss_type_arg(group, choices, default: str, what: str) -> None:
+    """--loss_type, and --loss_agg token_mean|seq_mean, its old spelling of dapo|grpo (it sets --loss_type)."""
+    group.add_argument("--loss_type", choices=choices, default=default, help=f"{what} (default: %(default)s)")
+
+    def old_spelling(value: str) -> str:
+        if value not in OLD_LOSS_AGG:
+            raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from token_mean, seq_mean)")
+        return OLD_LOSS_AGG[value]
+    group.add_argument("--loss_agg", dest="loss_type", type=old_spelling, metavar="{token_mean,seq_mean}",
+                       help="the old spelling of --loss_type: token_mean is dapo, seq_mean is grpo")
+
+
+def epsilon_high_of(args) -> float:
+    """--epsilon_high as given, else 5.0 under cispo (MiniMind's cap) and --epsilon otherwise."""
+    if args.epsilon_high is not None:
+        return args.epsilon_high
+    return CISPO_EPSILON_HIGH if args.loss_type == "cispo" else args.epsilon
 
 
 def add_debug_args(group) -> None:
@@ -145,6 +287,13 @@ def group_arg_problems(args) -> list[str]:
         problems.append(f"--beta must be 0 or positive (got {args.beta})")
     if args.ppo_epochs < 1:
         problems.append(f"--ppo_epochs must be at least 1 (got {args.ppo_epochs})")
+    if not 0 <= args.overlong_penalty <= args.max_gen_len:
+        problems.append(f"--overlong_penalty must be 0 (off) or a length in tokens up to --max_gen_len "
+                        f"{args.max_gen_len} (got {args.overlong_penalty})")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if getattr(args, "adv_level", "sample") == "group" and args.batch_size * world < 2:
+        problems.append(f"--adv_level group z-scores each prompt's mean reward across the prompts of a step, and a "
+                        f"step holds {args.batch_size * world}; raise --batch_size (or use --adv_level sample)")
     return problems
 
 
@@ -217,22 +366,32 @@ def reward_samples(rewards, rows: list[dict], texts: list[str], G: int):
 
 
 def make_group_step(run, order, prompts: list[dict], prompt_ids: list[list[int]], engine, optimizer, score,
-                    *, loss_agg: str, baseline: str = "mean", scale: str = "group", level: str = "sample"):
+                    *, baseline: str = "mean", scale: str = "group", level: str = "sample", seq_reduce: str = "sum"):
     """one_step(state, lr) for utils.train.run_steps: sample G responses for this step's prompts,
-    score them (``score(rows, rollout) -> (rewards (N,), {name: (N,)})``), turn rewards into group
-    advantages (over every rank's samples), then --ppo_epochs passes of clipped updates over
-    mini-batches, each one optimizer step."""
+    score them (``score(rows, rollout) -> (rewards (N,), {name: (N,)})``), add --overlong_penalty,
+    turn rewards into group advantages (over every rank's samples), then --ppo_epochs passes of
+    --loss_type updates over mini-batches, each one optimizer step whose loss normaliser is
+    counted over all its micro-batches and ranks before the first backward (step_normalisers).
+    --mask_truncated and --drop_zero_std take samples out of the loss mask."""
     from utils.train import clip_and_step
     args, G = run.args, run.args.num_generations
+    epsilon_high = epsilon_high_of(args)
 
     def one_step(state, lr):
         rows, rollout, rewards, parts = sample_and_score(state, order, prompts, prompt_ids, engine, score, G)
         N = rewards.numel()
+        if args.overlong_penalty:
+            penalty = overlong_penalty(rollout.response_lengths.cpu(), args.max_gen_len, args.overlong_penalty)
+            rewards, parts = rewards + penalty, {**parts, "overlong_penalty": penalty}
         everyone = _gather(run, rewards)                                        # (world*N,)
         advantages = group_advantages(everyone, G, baseline, scale, level)
-        advantages = advantages[run.dist.rank * N:(run.dist.rank + 1) * N].to(run.device)
+        mine = slice(run.dist.rank * N, (run.dist.rank + 1) * N)
+        advantages = advantages[mine].to(run.device)
+        zero_std = zero_std_groups(everyone, G)
         seqs, am, first = rollout.sequences, rollout.attention_mask, rollout.prompt_len
         resp_mask = rollout.response_mask[:, 1:]                                # (N, L)
+        loss_mask = group_loss_mask(resp_mask, rollout.ended, zero_std[mine], bool(args.mask_truncated),
+                                    bool(args.drop_zero_std))
         ref_logps = reference_logprobs(run, seqs, am, args.temperature, first, G) if args.beta > 0 else None
         mb = args.mini_batch_size or N
         micro = mb // args.accumulation_steps
@@ -242,32 +401,36 @@ def make_group_step(run, order, prompts: list[dict], prompt_ids: list[list[int]]
         old_logps = None if once else rollout.logps
         # Micro-batches of whole groups run each prompt once (utils.logprobs.grouped_token_logprobs).
         g = G if micro % G == 0 else 1
-        sums = {}
+        sums, updates = {}, args.ppo_epochs * (N // mb)
         for _ in range(args.ppo_epochs):
             order_ = shuffled_rows(N, g) if (args.ppo_epochs > 1 or mb < N) else torch.arange(N)
             for start in range(0, N, mb):
-                chunk = order_[start:start + mb]
-                for k in range(args.accumulation_steps):
-                    idx = chunk[k * micro:(k + 1) * micro].to(run.device)
+                parts_idx = [order_[start + k * micro:start + (k + 1) * micro].to(run.device)
+                             for k in range(args.accumulation_steps)]
+                norms = step_normalisers([loss_mask[idx] for idx in parts_idx], args.loss_type, G, args.max_gen_len,
+                                         run.all_sum, run.dist.world_size)
+                for k, (idx, norm) in enumerate(zip(parts_idx, norms)):
                     with run.grad_sync(k):
                         with run.autocast():
                             logps, ent = grouped_token_logprobs(run.model, seqs[idx], am[idx], first, g,
                                                                 args.temperature, with_entropy=True)
-                        loss, m = clipped_policy_loss(
-                            logps, logps.detach() if once else old_logps[idx], advantages[idx], resp_mask[idx],
-                            args.epsilon, args.epsilon_high, None if ref_logps is None else ref_logps[idx], args.beta,
-                            loss_agg, G)
-                        run.backward(loss * (len(idx) / mb))
-                    m["loss"], m["entropy"] = loss.detach(), masked_reduce(ent, resp_mask[idx], "sum").sum() / \
-                        resp_mask[idx].sum().clamp(min=1)
+                        loss, m = policy_loss(
+                            logps, logps.detach() if once else old_logps[idx], advantages[idx], loss_mask[idx],
+                            args.epsilon, epsilon_high, None if ref_logps is None else ref_logps[idx], args.beta,
+                            args.loss_type, G, importance_sampling_level=args.importance_sampling_level,
+                            normaliser=norm, max_gen_len=args.max_gen_len, seq_reduce=seq_reduce)
+                        run.backward(loss)
+                    m["entropy"] = masked_reduce(ent, resp_mask[idx], "sum").sum() / resp_mask[idx].sum().clamp(min=1)
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / updates   # the step's loss, summed
                     for key, v in m.items():
                         sums[key] = sums.get(key, 0.0) + float(v) * len(idx) / (N * args.ppo_epochs)
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + clip_and_step(run, optimizer, args.grad_clip) \
-                    / (args.ppo_epochs * (N // mb))
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + clip_and_step(run, optimizer, args.grad_clip) / updates
         grouped = rewards.view(-1, G)
         metrics = {**sums, "reward": float(rewards.mean()), "reward_std": float(grouped.std(1).mean()),
-                   "frac_reward_zero_std": float((grouped.std(1) < 1e-8).float().mean()),
+                   "frac_reward_zero_std": float(zero_std.float().mean()),
                    **completion_metrics(rollout, parts)}
+        if args.drop_zero_std:
+            metrics["groups_used"] = float((~zero_std).sum()) / G                # of every rank's groups
         if args.debug_mode and (state.step + 1) % args.debug_interval == 0:
             print_samples(state.step + 1, rows[0], rollout.texts[:G], rewards[:G], advantages[:G])
         return metrics, int(am.sum())

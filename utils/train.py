@@ -33,8 +33,10 @@ from model.lora import adapters_disabled, trainable_parameters
 from model.value_head import HEAD_FILE, ActorCritic, ValueHeadModel
 from utils.args import find_data_file
 from utils.checkpoint import (capture_rng, check_resume_args, load_latest_resume, load_trainable_state,
-                              other_size_resume_files, restore_rng, resume_path, save_resume, trainable_state)
+                              other_size_resume_files, restore_rng, resume_path, save_resume, trainable_state,
+                              upgraded_resume_args)
 from utils.errors import RunHalted, UserError
+from utils.evaluation import TrainingEval, eval_arg_problems
 from utils.logging import RunLogger
 from utils.runtime import (DistInfo, autocast_context, grad_scaler, init_distributed, peak_memory_gb, print0,
                            seed_everything)
@@ -58,6 +60,7 @@ def validate_common_args(args) -> None:
         problems.append("--lora_rank must be at least 1 and --lora_alpha positive")
     if args.grad_clip < 0:
         problems.append(f"--grad_clip must be 0 (off) or positive (got {args.grad_clip})")
+    problems += eval_arg_problems(args)
     if problems:
         raise UserError("; ".join(problems))
 
@@ -73,6 +76,7 @@ class DataOrder:
     def __init__(self, n: int, batch_size: int, epochs: int, accumulation_steps: int, seed: int,
                  dist_info: DistInfo, what: str = "examples"):
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.micro_per_step = accumulation_steps   # data micro-batches per optimizer step (RL: 1 prompt batch)
         self.rank, self.world = dist_info.rank, dist_info.world_size
         self.batches_per_epoch = n // (batch_size * self.world)
         if self.batches_per_epoch == 0:
@@ -294,7 +298,7 @@ class Run:
         if ckpt.get("algorithm") != self.algorithm:
             raise UserError(f"{path} was written by {ckpt.get('algorithm')}, not {self.algorithm}; "
                             f"use another --save_weight or --checkpoint_dir")
-        check_resume_args(ckpt["args"], self.resume_args(), path)
+        check_resume_args(upgraded_resume_args(ckpt["args"], self.resume_args()), self.resume_args(), path)
         if ckpt.get("data_examples", order.n) != order.n:
             raise UserError(f"{path} was written for {ckpt['data_examples']} examples in {self.args.data_path}, "
                             f"which now has {order.n}; resume with the data it was trained on, "
@@ -309,11 +313,8 @@ class Run:
         self.scaler.load_state_dict(ckpt["scaler"])
         step, micro = ckpt["step"], ckpt["micro"]
         if ckpt["world_size"] != self.dist.world_size:
-            # The same number of examples seen, counted in this world size's steps.
-            samples = micro * self.args.batch_size * ckpt["world_size"]
-            micro = samples // (self.args.batch_size * self.dist.world_size)
-            micro -= micro % self.args.accumulation_steps
-            step = micro // self.args.accumulation_steps
+            step, micro = rescaled_position(micro, ckpt["world_size"], self.dist.world_size, order.micro_per_step)
+            samples = ckpt["micro"] * self.args.batch_size * ckpt["world_size"]
             print0(f"resume: world size {ckpt['world_size']} -> {self.dist.world_size}: step {ckpt['step']} -> {step} "
                    f"(the same {samples} examples seen; the data order and sampling RNG continue per rank, so the "
                    f"run is not bit-identical to one that kept {ckpt['world_size']} process(es))")
@@ -377,13 +378,22 @@ class Run:
             print0(f"step {step}: weights identical on all {self.dist.world_size} processes")
             self._replicas_reported = True
 
-    def save_weights(self, extra_meta: dict | None = None) -> None:
-        """LoRA-only adapter (PEFT format), or with --use_lora 0 a full Hugging Face model folder."""
+    def weights_dir_for(self, stem: str) -> str:
+        """{save_dir}/{stem}_{hidden_size}[_moe]: where weights saved under that name go."""
+        return os.path.join(self.args.save_dir, weight_name(stem, self.lm_config.hidden_size, self.lm_config.use_moe))
+
+    def save_weights(self, extra_meta: dict | None = None, stem: str | None = None) -> None:
+        """LoRA-only adapter (PEFT format), or with --use_lora 0 a full Hugging Face model folder.
+        stem: save under another name ({stem}_{hidden}[_moe], e.g. the best evaluation's), the
+        policy alone (PPO's critic stays with the run's own save)."""
         os.makedirs(self.args.save_dir, exist_ok=True)
         meta = {"algorithm": self.algorithm, **(extra_meta or {})}
         lm, extra_tensors = self.lm, None
+        folder = self.weights_dir if stem is None else self.weights_dir_for(stem)
         if isinstance(self.base_model, ActorCritic):  # the policy's adapter, then the critic's with its head
-            save_lora(lm, self.weights_dir, base=self.args.from_weight, lm_config=self.lm_config, extra=meta)
+            save_lora(lm, folder, base=self.args.from_weight, lm_config=self.lm_config, extra=meta)
+            if stem is not None:
+                return
             save_lora(lm, self.critic_dir, base=self.args.from_weight, lm_config=self.lm_config,
                       adapter_name=self.base_model.adapter, extra={**meta, "kind": "critic"},
                       extra_tensors={HEAD_FILE: self.base_model.head_state()})
@@ -391,10 +401,10 @@ class Run:
         if isinstance(self.base_model, ValueHeadModel):
             extra_tensors = {HEAD_FILE: self.base_model.head_state()}
         if self.args.use_lora:
-            save_lora(lm, self.weights_dir, base=self.args.from_weight, lm_config=self.lm_config,
+            save_lora(lm, folder, base=self.args.from_weight, lm_config=self.lm_config,
                       extra=meta, extra_tensors=extra_tensors)
             return
-        export(lm, self.tokenizer, self.weights_dir, meta={"base": self.args.from_weight, **meta},
+        export(lm, self.tokenizer, folder, meta={"base": self.args.from_weight, **meta},
                extra_tensors=extra_tensors)
 
     def close(self, clean: bool = True) -> None:
@@ -407,6 +417,16 @@ class Run:
             if clean:
                 torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+def rescaled_position(micro: int, saved_world: int, world: int, micro_per_step: int) -> tuple[int, int]:
+    """(step, micro) on ``world`` processes that have seen the examples ``micro`` micro-batches
+    on ``saved_world`` processes saw (rounded down to a whole step). micro_per_step: data
+    micro-batches per optimizer step, --accumulation_steps for the supervised scripts, 1 for RL
+    (each step takes one prompt batch and cuts it into --accumulation_steps pieces itself)."""
+    micro = micro * saved_world // world
+    micro -= micro % micro_per_step
+    return micro // micro_per_step, micro
 
 
 def named_optimizers(optimizer) -> dict:
@@ -516,6 +536,7 @@ def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, ext
                        wandb_project=args.wandb_project, run_name=run.stem, config=vars(args),
                        wandb_id=state.wandb_id, desc=desc)
     state.wandb_id = logger.wandb_id
+    evaluator = TrainingEval(run) if getattr(args, "eval_data", None) else None
     stop = StopSignal()
     sums, n_steps, tokens, t_last = {}, 0, 0, time.time()
     stopped = finished = False
@@ -543,6 +564,10 @@ def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, ext
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n_steps, tokens = n_steps + 1, tokens + n_tokens
+            scores = {}
+            if evaluator is not None and (state.step % args.eval_interval == 0 or state.step == stop_step):
+                scores = evaluator(state.step)
+                evaluator.keep_if_best(state, scores)
             if state.step % args.log_interval == 0 or state.step == stop_step:
                 names = list(sums)
                 values = run.all_mean([sums[k] / n_steps for k in names] + [float(tokens)])
@@ -550,11 +575,12 @@ def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, ext
                 logger.step(state.step, {**dict(zip(names, values[:-1])), **lrs,
                                          "epoch": order.epoch_of(state.micro - 1),
                                          "peak_mem_gb": peak_memory_gb(run.device),
-                                         "tokens_per_sec": values[-1] * run.dist.world_size / max(now - t_last, 1e-9)},
+                                         "tokens_per_sec": values[-1] * run.dist.world_size / max(now - t_last, 1e-9),
+                                         **scores},
                             force=True)
                 sums, n_steps, tokens, t_last = {}, 0, 0, now
             else:
-                logger.step(state.step, {})
+                logger.step(state.step, scores, force=bool(scores))
             if state.bad_in_row >= args.max_bad_steps:
                 break
             if state.step % args.save_interval == 0 and state.step < stop_step:

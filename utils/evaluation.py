@@ -1,0 +1,226 @@
+"""Held-out scoring, for eval_align.py and for evaluation during training (--eval_data).
+
+Two kinds of held-out file: preference pairs (``chosen``/``rejected``) and prompts with an
+``answer``. Pairs give pair_acc (share whose chosen response scores higher: the mean log-prob
+per token for a language model, the reward for a reward model) and reward_margin (mean chosen
+minus rejected score); prompts give answer_acc (greedy answer equals ``answer``), mean_len
+(greedy response tokens, end token included) and, with k samples per prompt, pass@k (share of
+prompts with at least one correct sample among k).
+
+The scoring functions return sums, so the shares of several processes add up (TrainingEval
+splits the file across ranks and all-reduces them); eval_align.py calls the same functions on
+one process.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dataset.answers import is_correct
+from dataset.data import (collate_pairs, encode_pairs, encode_prompt, load_pairs, load_prompts, pad_with_mask, read_jsonl,
+                          stop_ids)
+from utils.errors import UserError
+from utils.logprobs import model_sequence_logprobs
+from utils.runtime import print0, to_device
+
+PAIR_METRICS = ("pair_acc", "reward_margin")
+ANSWER_METRICS = ("answer_acc", "mean_len")
+
+
+@torch.no_grad()
+def pair_scores(model, tokenizer, pairs: list[dict], max_seq_len: int, batch_size: int, device,
+                value_model: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen (n,), rejected (n,)) scores of the pairs that fit max_seq_len: the mean log-prob
+    per response token, or with value_model the value at the last token (a reward model)."""
+    from model.value_head import last_token_index
+    items, _ = encode_pairs(pairs, tokenizer, max_seq_len)
+    chosen, rejected = [], []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = to_device(collate_pairs(chunk, tokenizer.pad_token_id), device)
+        if value_model:
+            values = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])     # (2n, T)
+            scores = values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)
+        else:
+            scores = model_sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        n = len(chunk)
+        chosen.append(scores[:n].float().cpu())
+        rejected.append(scores[n:].float().cpu())
+    if not chosen:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def pair_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """{wins, margin, pairs}: pairs whose chosen score is higher, the summed margin, the count."""
+    return {"wins": float((chosen > rejected).sum()), "margin": float((chosen - rejected).sum()),
+            "pairs": float(chosen.numel())}
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int, device,
+                       samples: int = 0, temperature: float = 1.0) -> tuple[list[str], list[int]]:
+    """(texts, lengths in tokens, end token included) of one greedy response per prompt, or with
+    samples k > 0 of k sampled ones (temperature, no top-k / top-p), prompt i's at i*k..i*k+k-1."""
+    texts, lengths = [], []
+    stops, pad = stop_ids(tokenizer), tokenizer.pad_token_id        # the turn end, eos, the model's own
+    k = max(samples, 1)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0,
+                "num_return_sequences": k} if samples else {"do_sample": False}
+    for start in range(0, len(prompts), max(1, batch_size // k)):
+        encoded = [encode_prompt(tokenizer, m) for m in prompts[start:start + max(1, batch_size // k)]]
+        input_ids, attention_mask = (t.to(device) for t in pad_with_mask(encoded, pad, side="left"))
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             eos_token_id=stops, pad_token_id=pad, **sampling)
+        for row in out[:, input_ids.shape[1]:].tolist():
+            n = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            texts.append(tokenizer.decode(row[:n], skip_special_tokens=True))
+            lengths.append(n)
+    return texts, lengths
+
+
+def answer_sums(prompts: list[dict], texts: list[str], lengths: list[int]) -> dict[str, float]:
+    """{correct, length, prompts} of greedy responses, one per prompt."""
+    return {"correct": float(sum(is_correct(t, p["answer"]) for t, p in zip(texts, prompts))),
+            "length": float(sum(lengths)), "prompts": float(len(prompts))}
+
+
+def pass_sums(prompts: list[dict], texts: list[str], k: int) -> dict[str, float]:
+    """{passed}: prompts with at least one correct answer among their k samples."""
+    return {"passed": float(sum(any(is_correct(t, p["answer"]) for t in texts[i * k:(i + 1) * k])
+                                for i, p in enumerate(prompts)))}
+
+
+def rates(sums: dict[str, float], k: int = 0) -> dict[str, float]:
+    """The metrics of summed counts (pair_sums, answer_sums, pass_sums, over any number of processes)."""
+    out = {}
+    if sums.get("pairs"):
+        out["pair_acc"], out["reward_margin"] = sums["wins"] / sums["pairs"], sums["margin"] / sums["pairs"]
+    if sums.get("prompts"):
+        out["answer_acc"], out["mean_len"] = sums["correct"] / sums["prompts"], sums["length"] / sums["prompts"]
+        if k and "passed" in sums:
+            out[f"pass@{k}"] = sums["passed"] / sums["prompts"]
+    return out
+
+
+# ------------------------------------------------------------------------- during training
+def add_eval_args(parser) -> None:
+    """--eval_data and its companions (every training script)."""
+    g = parser.add_argument_group("evaluation during training")
+    g.add_argument("--eval_data", default=None,
+                   help="held-out preference pairs (chosen/rejected) or prompts with an \"answer\", scored every "
+                        "--eval_interval steps and at the end, logged as eval/* (default: none, off)")
+    g.add_argument("--eval_interval", type=int, default=50, help="steps between evaluations (default: %(default)s)")
+    g.add_argument("--eval_samples", type=int, default=0,
+                   help="k > 0: also k sampled answers per held-out prompt, logged as eval/pass@k (default: 0)")
+    g.add_argument("--eval_max_new_tokens", type=int, default=64,
+                   help="longest held-out response in tokens (default: %(default)s)")
+    g.add_argument("--save_best", type=int, choices=[0, 1], default=0,
+                   help="1: keep the weights of the best evaluation as {save_weight}_best_{hidden_size}[_moe] (default: 0)")
+    g.add_argument("--best_metric", default=None,
+                   help="what --save_best maximises: pair_acc or reward_margin for pairs, answer_acc or pass@k for "
+                        "prompts (default: pair_acc or answer_acc)")
+
+
+def eval_kind(path: str) -> str:
+    """"pairs" or "prompts": what the first line of a held-out file holds."""
+    rows = read_jsonl(path)
+    if not rows:
+        raise UserError(f"--eval_data {path}: the file is empty")
+    return "pairs" if {"chosen", "rejected"} <= set(rows[0][1]) else "prompts"
+
+
+def eval_arg_problems(args) -> list[str]:
+    """What is wrong with the evaluation flags (the file is read, not the model)."""
+    if not getattr(args, "eval_data", None):
+        return ["--save_best 1 needs --eval_data"] if getattr(args, "save_best", 0) else []
+    problems = []
+    if args.eval_interval < 1:
+        problems.append(f"--eval_interval must be at least 1 (got {args.eval_interval})")
+    if args.eval_samples < 0 or args.eval_max_new_tokens < 1:
+        problems.append("--eval_samples must be 0 or positive and --eval_max_new_tokens at least 1")
+    if not os.path.isfile(args.eval_data):
+        return problems + [f"--eval_data {args.eval_data}: no such file"]
+    kind = eval_kind(args.eval_data)
+    if kind == "prompts":
+        missing = [i for i, p in enumerate(load_prompts(args.eval_data)) if "answer" not in p]
+        if missing:
+            problems.append(f'--eval_data {args.eval_data}: prompt {missing[0] + 1} has no "answer" field; held-out '
+                            f"prompts are scored by their answers")
+    else:
+        load_pairs(args.eval_data)
+    allowed = PAIR_METRICS if kind == "pairs" else ("answer_acc",) + ((f"pass@{args.eval_samples}",)
+                                                                       if args.eval_samples else ())
+    if args.best_metric is not None and args.best_metric not in allowed:
+        problems.append(f"--best_metric {args.best_metric}: the {kind} in {args.eval_data} give {', '.join(allowed)}")
+    return problems
+
+
+class TrainingEval:
+    """Scores --eval_data with the model being trained; run_steps calls it every --eval_interval
+    steps and at the end. Each rank scores its share of the file (every world_size-th item) and
+    the sums are all-reduced. Sampling (pass@k) draws from its own generator, seeded by --seed and
+    the step, inside torch.random.fork_rng: the training's random state is as it was, so a run
+    with evaluation trains exactly as one without, and resumes exactly."""
+
+    def __init__(self, run):
+        from model.value_head import ActorCritic, ValueHeadModel
+        args = self.args = run.args
+        self.run, self.kind = run, eval_kind(args.eval_data)
+        rank, world = run.dist.rank, run.dist.world_size
+        if self.kind == "pairs":
+            self.items = load_pairs(args.eval_data)[rank::world]
+        else:
+            self.items = load_prompts(args.eval_data)[rank::world]
+        self.value_model = isinstance(run.base_model, ValueHeadModel) and not isinstance(run.base_model, ActorCritic)
+        if self.kind == "prompts" and self.value_model:
+            raise UserError(f"--eval_data {args.eval_data}: a reward model scores preference pairs, not prompts")
+        self.metric = args.best_metric or ("pair_acc" if self.kind == "pairs" else "answer_acc")
+        self.best_stem = f"{args.save_weight}_best"
+
+    def __call__(self, step: int) -> dict[str, float]:
+        run, args = self.run, self.args
+        model = run.base_model if self.value_model else run.lm
+        was_training = model.training
+        model.eval()
+        devices = [run.device] if run.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), run.autocast():
+                torch.manual_seed(args.seed * 1000003 + step)
+                sums = self.sums(model)
+        finally:
+            model.train(was_training)
+        names = sorted(sums)
+        total = run.all_sum(torch.tensor([sums[k] for k in names], dtype=torch.float64, device=run.device))
+        return {f"eval/{k}": v for k, v in rates(dict(zip(names, total.tolist())), args.eval_samples).items()}
+
+    def sums(self, model) -> dict[str, float]:
+        args, tok, dev = self.args, self.run.tokenizer, self.run.device
+        bs = max(1, args.batch_size)
+        if self.kind == "pairs":
+            return pair_sums(*pair_scores(model, tok, self.items, args.max_seq_len, bs, dev, self.value_model))
+        prompts = [p["prompt"] for p in self.items]
+        texts, lengths = generate_responses(model, tok, prompts, args.eval_max_new_tokens, bs, dev)
+        sums = answer_sums(self.items, texts, lengths)
+        if args.eval_samples:
+            texts, _ = generate_responses(model, tok, prompts, args.eval_max_new_tokens, bs * args.eval_samples, dev,
+                                          args.eval_samples, getattr(args, "temperature", 1.0))
+            sums.update(pass_sums(self.items, texts, args.eval_samples))
+        return sums
+
+    def keep_if_best(self, state, metrics: dict[str, float]) -> None:
+        """--save_best 1: save the weights as {save_weight}_best_... when eval/<best_metric> beats
+        every earlier evaluation of the run (the best so far lives in the resume file)."""
+        value = metrics.get(f"eval/{self.metric}")
+        if not self.args.save_best or value is None:
+            return
+        best = state.extra.get("best_eval")
+        if best is not None and value <= best:
+            return
+        state.extra["best_eval"] = value
+        if self.run.is_main:
+            self.run.save_weights(stem=self.best_stem)
+        print0(f"eval/{self.metric} {value:.4f} at step {state.step}: the best so far, saved to "
+               f"{self.run.weights_dir_for(self.best_stem)}")
+
