@@ -643,6 +643,7 @@ def decoding_throughput(ctx: Context) -> dict:
     up to each row's end token."""
     import copy
     import torch
+    from dataset.data import stop_ids
     from utils.rollout import decode, response_mask_after_prompt, token_sampler
     model, tok = ctx.load_model()
     plain = copy.deepcopy(model).to(torch.bfloat16) if ctx.cuda else model
@@ -651,11 +652,11 @@ def decoding_throughput(ctx: Context) -> dict:
     pick = token_sampler(1.0)
 
     def count(responses):
-        return int(response_mask_after_prompt(responses, tok.eos_token_id)[0].sum())
+        return int(response_mask_after_prompt(responses, stop_ids(tok))[0].sum())
 
     def ours():
         with ctx.autocast():
-            return count(decode(model, prompts, mask, s.num_generations, s.max_gen_len, tok.eos_token_id,
+            return count(decode(model, prompts, mask, s.num_generations, s.max_gen_len, stop_ids(tok),
                                 tok.pad_token_id, pick)[0])
 
     def generate(compiled):
@@ -665,7 +666,7 @@ def decoding_throughput(ctx: Context) -> dict:
                                      top_p=1.0, max_new_tokens=s.max_gen_len, min_new_tokens=0,
                                      num_return_sequences=s.num_generations, cache_implementation="static",
                                      disable_compile=not compiled, pad_token_id=tok.pad_token_id,
-                                     eos_token_id=tok.eos_token_id)
+                                     eos_token_id=stop_ids(tok))
             return count(out[:, Tp:])
         return fn
 
