@@ -177,3 +177,18 @@ def test_truncated_and_zero_std_rows_leave_the_loss_and_its_count():
     logps = torch.zeros(4, 3, requires_grad=True)
     policy_loss(logps, logps.detach(), torch.ones(4), both)[0].backward()
     assert logps.grad[1:].abs().max() == 0 and logps.grad[0].tolist() == pytest.approx([-1 / 3] * 3)
+
+
+def test_two_real_processes_give_one_process_gradient(tmp_path):
+    """The same comparison over two gloo processes, with every normaliser through a real
+    all_reduce (tests/helpers/loss_ranks.py), accumulation 1 and 2."""
+    import torch.multiprocessing as mp
+    from helpers.loss_ranks import worker
+    for accumulation in (1, 2):
+        out = tmp_path / f"grads{accumulation}.pt"
+        mp.spawn(worker, args=(2, str(tmp_path / f"init{accumulation}"), str(out), accumulation), nprocs=2)
+        grads = torch.load(out, weights_only=True)
+        assert len(grads) == 2 * (len(LOSS_TYPES) - 1)
+        for key, got in grads.items():
+            loss_type, level = key.split("/")
+            torch.testing.assert_close(got, gradient(loss_type, level, ranks=1, accumulation=1), atol=1e-6, rtol=0)
