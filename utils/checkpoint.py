@@ -179,8 +179,8 @@ def upgraded_resume_args(saved: dict, current: dict) -> dict:
 def check_resume_args(saved: dict, current: dict, path: str) -> None:
     """Stop when the resume file was written by a run that trains something else."""
     # A flag the file does not record came after it was written: the file says nothing about it.
-    diffs = [f"--{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-             if k not in RESUME_FREE_ARGS and k in saved and saved.get(k) != current.get(k)]
+    diffs = [f"--{k} {saved[k]!r} -> {current.get(k)!r}" for k in sorted(saved)
+             if k not in RESUME_FREE_ARGS and saved[k] != current.get(k)]
     if diffs:
         raise UserError(f"{path} was written with other arguments ({'; '.join(diffs[:5])}); "
                         f"use the same ones, another --save_weight, or --from_resume 0 to start over")
