@@ -170,7 +170,7 @@ def load_prompts(path: str) -> list[dict]:
 # ----------------------------------------------------------------------------- tokenizing
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of the chat-rendered prompt, ending with the opening of an assistant turn."""
-    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    return text_ids(tokenizer, render_prompt(tokenizer, messages))
 
 
 PROBE = "\u2063MINIALIGN\u2063"          # an assistant turn's content, to find what the template puts after it
@@ -201,12 +201,13 @@ def turn_end_id(tokenizer) -> int:
     return tokenizer.turn_end_id
 
 
-def stop_ids(tokenizer) -> list[int]:
+def stop_ids(tokenizer, also=()) -> list[int]:
     """Every token that ends a response: the turn end, the tokenizer's eos and the model's own
-    stop list (``generation_config.eos_token_id``), as ``init_model`` recorded them."""
+    stop list (``generation_config.eos_token_id``), as ``init_model`` recorded them; where none
+    was recorded, the turn end, eos and ``also``, in that order."""
     recorded = getattr(tokenizer, "stop_ids", None)
     return list(recorded) if recorded else list(dict.fromkeys(
-        i for i in (turn_end_id(tokenizer), tokenizer.eos_token_id) if i is not None))
+        i for i in (turn_end_id(tokenizer), tokenizer.eos_token_id, *also) if i is not None))
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
@@ -214,24 +215,31 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def encode_response(tokenizer, text: str, prompt_text: str = "") -> list[int]:
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` as it stands (special tokens written in it included, none added)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer, text: str, prompt_text: str = "", prompt_ids: list[int] | None = None) -> list[int]:
     """Token ids of an assistant response, closed by the end-of-turn token: the ids the content
-    has when tokenized right after ``prompt_text`` (the rendered prompt), as the model produces
-    it and as ``tokenizer(prompt_text + text)`` splits it, where the prompt's own ids stay a
-    prefix of that; else the content tokenized alone."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    has when tokenized right after ``prompt_text`` (the rendered prompt, whose ids are
+    ``prompt_ids`` when the caller has them), as the model produces it and as
+    ``tokenizer(prompt_text + text)`` splits it, where the prompt's own ids stay a prefix of
+    that; else the content tokenized alone."""
+    ids = None
     if prompt_text:
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        whole = tokenizer(prompt_text + text, add_special_tokens=False)["input_ids"]
+        prompt_ids = text_ids(tokenizer, prompt_text) if prompt_ids is None else prompt_ids
+        whole = text_ids(tokenizer, prompt_text + text)
         if whole[:len(prompt_ids)] == prompt_ids:
             ids = whole[len(prompt_ids):]
-    return ids + [turn_end_id(tokenizer)]
+    return (text_ids(tokenizer, text) if ids is None else ids) + [turn_end_id(tokenizer)]
 
 
 def encode_exchange(tokenizer, messages: list[dict], text: str) -> list[int]:
     """Token ids of a prompt (messages) and its response ``text``, closed by the turn end."""
     prompt_text = render_prompt(tokenizer, messages)
-    return tokenizer(prompt_text, add_special_tokens=False)["input_ids"] + encode_response(tokenizer, text, prompt_text)
+    prompt_ids = text_ids(tokenizer, prompt_text)
+    return prompt_ids + encode_response(tokenizer, text, prompt_text, prompt_ids)
 
 
 def fit(prompt_ids: list[int], response_ids: list[int], max_len: int, min_prompt: int = 1):
@@ -252,12 +260,12 @@ def encode_conversation(tokenizer, messages: list[dict], max_len: int):
         if m["role"] != "assistant":
             continue
         prompt_text = render_prompt(tokenizer, messages[:i])
-        prefix = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        prefix = text_ids(tokenizer, prompt_text)
         if prefix[: len(ids)] == ids:      # the usual case: the template extends what we have
             mask += [0] * (len(prefix) - len(ids))
         else:                              # a template that re-renders earlier turns: context only
             mask = [0] * len(prefix)
-        resp = encode_response(tokenizer, m["content"], prompt_text)
+        resp = encode_response(tokenizer, m["content"], prompt_text, prefix)
         ids, mask = prefix + resp, mask + [1] * len(resp)
     if len(resp) >= max_len:  # the last response (conversations end with one) cannot fit
         return None
@@ -314,8 +322,8 @@ def encode_pair(pair: dict, tokenizer, max_len: int):
     """(prompt_ids, chosen_ids, rejected_ids) of one pair, the prompt cut from the left so that
     both responses fit; None when they cannot."""
     prompt_text = render_prompt(tokenizer, pair["prompt"])
-    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    chosen, rejected = (encode_response(tokenizer, pair[k], prompt_text) for k in ("chosen", "rejected"))
+    prompt = text_ids(tokenizer, prompt_text)
+    chosen, rejected = (encode_response(tokenizer, pair[k], prompt_text, prompt) for k in ("chosen", "rejected"))
     fc, fr = fit(prompt, chosen, max_len), fit(prompt, rejected, max_len)
     if fc is None or fr is None:
         return None

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dataset.data import find_turn_end
+from dataset.data import stop_ids
 from model.config import LMConfig, build_model, weight_name
 from model.strict import key_mismatch
 from model.lora import is_adapter_dir, load_lora, merge_lora, read_adapter_meta
@@ -295,13 +295,10 @@ def set_stop_tokens(model, tokenizer, eos_token: str | None = None) -> list[int]
         if len(ids) != 1:
             raise UserError(f"--eos_token {eos_token!r} is {len(ids)} tokens in this tokenizer; give one token "
                             f"(e.g. {tokenizer.eos_token!r})")
-        tokenizer.turn_end_id = ids[0]
-    else:
-        tokenizer.turn_end_id = tokenizer.convert_tokens_to_ids(find_turn_end(tokenizer))
+    tokenizer.turn_end_id = ids[0] if eos_token else None      # None: read off the template (turn_end_id)
     own = model.generation_config.eos_token_id
-    own = own if isinstance(own, (list, tuple)) else [] if own is None else [own]
-    tokenizer.stop_ids = list(dict.fromkeys(i for i in (tokenizer.turn_end_id, tokenizer.eos_token_id, *own)
-                                            if i is not None))
+    tokenizer.stop_ids = None                                   # derived afresh, not kept from an earlier call
+    tokenizer.stop_ids = stop_ids(tokenizer, also=own if isinstance(own, (list, tuple)) else [own])
     model.generation_config.eos_token_id = tokenizer.stop_ids
     return tokenizer.stop_ids
 
