@@ -1,0 +1,84 @@
+"""Import a GGUF file as a Hugging Face model folder that every script takes as --from_weight.
+
+    python -m model.from_gguf SmolLM2-135M-Instruct.Q4_1.gguf --out out/smollm2
+    python -m model.from_gguf FILE.gguf --out DIR --dtype bfloat16
+
+transformers reads the file (``from_pretrained(folder, gguf_file=name)``, which needs the
+``gguf`` package): quantised weights are dequantised (to fp32 unless --dtype says otherwise),
+and the tokenizer, its special tokens and the chat template come from the file's metadata.
+The folder is written atomically, like ``model.export``'s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from model.export import export
+from utils.errors import UserError, run_cli
+
+GGUF_MAGIC = b"GGUF"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Convert a GGUF file into a Hugging Face model folder.")
+    p.add_argument("gguf", help="the .gguf file")
+    p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="dtype of the written weights (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return p.parse_args(argv)
+
+
+def gguf_architecture(path: str) -> str:
+    """The file's ``general.architecture``; UserError when it is no GGUF or transformers cannot read it."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file; give a .gguf file")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise UserError(f"{path}: not a GGUF file (it does not start with 'GGUF'); give a .gguf model file")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise UserError("reading GGUF needs the gguf package: pip install -r requirements.txt")
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    try:
+        field = GGUFReader(path).fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode("utf-8")
+    except Exception as e:
+        raise UserError(f"{path}: cannot read its GGUF header ({e.__class__.__name__}: {str(e)[:200]}); "
+                        f"the file may be cut short: copy it again")
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise UserError(f"{path}: architecture {arch!r} cannot be read by transformers' GGUF loader "
+                        f"(it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
+    return arch
+
+
+def load_gguf(path: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a GGUF file, through transformers' own GGUF loader."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    except Exception as e:
+        raise UserError(f"{path}: transformers cannot load it ({e.__class__.__name__}: {str(e).splitlines()[0][:300]})")
+    return model, tokenizer
+
+
+def main(args):
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UserError(f"--out {args.out} already exists; choose another folder or pass --overwrite")
+    arch = gguf_architecture(args.gguf)
+    model, tokenizer = load_gguf(args.gguf, DTYPES[args.dtype])
+    export(model, tokenizer, args.out)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out}: architecture {arch} ({model.config.model_type}), {n_params / 1e6:.2f}M parameters, "
+          f"vocabulary {len(tokenizer)}, {args.dtype}, chat template {'yes' if tokenizer.chat_template else 'none'}")
+    return args.out
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
