@@ -65,7 +65,15 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     except Exception as e:
         raise UserError(f"{path}: transformers cannot load it ({e.__class__.__name__}: {str(e).splitlines()[0][:300]})")
-    return model, tokenizer
+    # transformers marks a GGUF-loaded model as quantised and will not save it: the weights are already
+    # dequantised, so they move into a plain model of the same config, strictly.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.generation_config = model.generation_config
+    return plain.eval(), tokenizer
 
 
 def main(args):
