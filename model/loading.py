@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dataset.data import stop_ids
 from model.config import LMConfig, build_model, weight_name
+from model.minimind import fuse_experts
 from model.strict import key_mismatch
 from model.lora import is_adapter_dir, load_lora, merge_lora, read_adapter_meta
 from utils.errors import UserError
@@ -193,9 +194,10 @@ def infer_lm_config(sd: dict[str, torch.Tensor], path: str) -> LMConfig:
 
 
 def _load_file(path: str, lm_config: LMConfig):
-    sd = _read_state_dict(path)
+    sd = fuse_experts(_read_state_dict(path), path)  # MiniMind stores each MoE expert apart
     real = infer_lm_config(sd, path)
-    for f in ("max_position_embeddings", "rope_theta", "rms_norm_eps", "num_experts_per_tok"):
+    for f in ("max_position_embeddings", "rope_theta", "rms_norm_eps", "num_experts_per_tok", "norm_topk_prob",
+              "router_aux_loss_coef"):
         setattr(real, f, getattr(lm_config, f))  # not recorded in a bare state dict
     _check_sizes(path, lm_config, real)
     model = build_model(real)
