@@ -106,3 +106,15 @@ class RouterLogits:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def minimind_state_dict(model) -> dict[str, torch.Tensor]:
+    """``model``'s weights as MiniMind's trainer saves them: fp16, MiniMind's key names (each MoE
+    expert apart), ``lm_head.weight`` included even when tied (MiniMind's state_dict has both)."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type not in ("qwen3", "qwen3_moe"):
+        raise UserError(f"--format minimind writes MiniMind's architecture (Qwen3, dense or MoE); this model is "
+                        f"{model_type!r}: use the default --format hf")
+    sd = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
+    sd.setdefault("lm_head.weight", sd["model.embed_tokens.weight"])
+    return split_experts(sd)

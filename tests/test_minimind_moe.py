@@ -108,3 +108,45 @@ def test_aux_loss_logged_when_router_trains(tmp_path):
     assert all(r["aux_loss"] >= 0.01 - 1e-6 for r in full)
     lora = rows("--use_lora", "1")
     assert all("aux_loss" not in r for r in lora)   # a frozen router has nothing to balance
+
+
+def minimind_keys(layers, num_experts=None):
+    """The state-dict keys MiniMind's MiniMindForCausalLM has (model/model_minimind.py)."""
+    keys = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        keys |= {p + f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")}
+        keys |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+        if num_experts is None:
+            keys |= {p + f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")}
+        else:
+            keys.add(p + "mlp.gate.weight")
+            keys |= {p + f"mlp.experts.{e}.{n}.weight" for e in range(num_experts)
+                     for n in ("gate_proj", "up_proj", "down_proj")}
+    return keys
+
+
+@pytest.mark.parametrize("moe", [True, False])
+def test_export_minimind_pth_round_trip(tmp_path, tiny_dir, moe):
+    from model.export import main, parse_args
+    if moe:
+        minimind_moe_pth(tmp_path / "full_sft_32_moe.pth")
+        src, save_dir, stem = str(tmp_path / "full_sft_32_moe.pth"), str(tmp_path), "dpo_32_moe"
+    else:
+        src, save_dir, stem = "full_sft", tiny_dir, "dpo_32"
+    out = tmp_path / "mm" / "out"
+    path = main(parse_args(["--from_weight", src, "--save_dir", save_dir, "--tokenizer_path", "model",
+                            "--format", "minimind", "--out", str(out), "--name", "dpo"]))
+    assert path == str(out / f"{stem}.pth")
+    sd = torch.load(path, weights_only=True)
+    assert set(sd) == minimind_keys(LAYERS, 4 if moe else None)      # what MiniMind's strict load_state_dict wants
+    assert all(v.dtype == torch.float16 for v in sd.values())
+    before, _ = init_model(LMConfig(), src, save_dir=save_dir, tokenizer_path="model")
+    after, _ = init_model(LMConfig(), path, tokenizer_path="model")   # our strict loader reads it back
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        diff = (before.eval()(ids).logits - after.eval()(ids).logits).abs().max()
+    assert diff < (1e-6 if moe else 0.05)   # the MoE source is fp16 already; the dense one rounds to fp16
+    with pytest.raises(UserError, match="already exists"):
+        main(parse_args(["--from_weight", src, "--save_dir", save_dir, "--tokenizer_path", "model",
+                         "--format", "minimind", "--out", str(out), "--name", "dpo"]))
