@@ -118,3 +118,42 @@ def minimind_state_dict(model) -> dict[str, torch.Tensor]:
     sd = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
     sd.setdefault("lm_head.weight", sd["model.embed_tokens.weight"])
     return split_experts(sd)
+
+
+# ----------------------------------------------------------------------------- LoRA files
+_LORA = re.compile(r"(.+)\.lora\.(A|B)\.weight$")
+
+
+def is_minimind_lora(sd: dict[str, torch.Tensor]) -> bool:
+    """Whether ``sd`` is a MiniMind LoRA file (model/model_lora.py's save_lora): only
+    ``<module>.lora.A.weight`` / ``<module>.lora.B.weight`` keys."""
+    return bool(sd) and all(_LORA.match(k) for k in sd)
+
+
+def merge_minimind_lora(model, sd: dict[str, torch.Tensor], path: str) -> list[str]:
+    """Merge MiniMind's LoRA ``sd`` into ``model`` in place, as MiniMind applies it: W + B A
+    (no alpha scale) on each named linear layer. A ``module.`` prefix (DDP) is dropped. Every
+    key must find its layer, with matching shapes. Returns the merged layers' names."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        name, ab = _LORA.match(k[len("module."):] if k.startswith("module.") else k).groups()
+        pairs.setdefault(name, {})[ab] = v
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = [n for n in pairs if n not in layers]
+    if unknown:
+        square = [n for n, m in layers.items() if m.in_features == m.out_features]
+        what = "none of its" if len(unknown) == len(pairs) else f"{len(unknown)} of its {len(pairs)}"
+        raise UserError(f"MiniMind LoRA file {path}: {what} layers are in the model (e.g. {unknown[:3]}); it looked "
+                        f"for linear layers such as {square[:4] or list(layers)[:4]}: give the base it was trained "
+                        f"on as --base_weight")
+    for name, ab in pairs.items():
+        layer = layers[name]
+        if set(ab) != {"A", "B"}:
+            raise UserError(f"MiniMind LoRA file {path}: {name} has only lora.{''.join(ab)}; the file is cut short")
+        A, B = ab["A"].float(), ab["B"].float()
+        if A.shape[1] != layer.in_features or B.shape[0] != layer.out_features or B.shape[1] != A.shape[0]:
+            raise UserError(f"MiniMind LoRA file {path}: {name} has A {tuple(A.shape)}, B {tuple(B.shape)} but the "
+                            f"layer is {layer.out_features}x{layer.in_features}: give its base as --base_weight")
+        with torch.no_grad():
+            layer.weight += (B @ A).to(layer.weight.dtype)
+    return list(pairs)

@@ -150,3 +150,22 @@ def test_export_minimind_pth_round_trip(tmp_path, tiny_dir, moe):
     with pytest.raises(UserError, match="already exists"):
         main(parse_args(["--from_weight", src, "--save_dir", save_dir, "--tokenizer_path", "model",
                          "--format", "minimind", "--out", str(out), "--name", "dpo"]))
+
+
+def test_minimind_lora_file_merges_into_base_weight(tmp_path, tiny_dir):
+    base, _ = init_model(LMConfig(), "full_sft", save_dir=tiny_dir, tokenizer_path="model")
+    torch.manual_seed(3)
+    A, B = torch.randn(16, H) * 0.1, torch.randn(H, 16) * 0.1    # rank 16, MiniMind's o_proj-style square layer
+    name = "model.layers.1.self_attn.o_proj"
+    torch.save({f"module.{name}.lora.A.weight": A.half(), f"module.{name}.lora.B.weight": B.half()},
+               tmp_path / "lora_identity_32.pth")                 # saved under DDP: module. prefix
+    merged, _ = init_model(LMConfig(), str(tmp_path / "lora_identity_32.pth"), save_dir=tiny_dir,
+                           tokenizer_path="model", base_weight="full_sft")
+    x = torch.randn(3, H)
+    W = base.get_submodule(name).weight
+    direct = x @ W.T + (x @ A.half().float().T) @ B.half().float().T     # W x + B(A x)
+    assert (merged.get_submodule(name)(x) - direct).abs().max() < 1e-5
+    torch.save({"model.layers.9.mlp.wrong.lora.A.weight": A, "model.layers.9.mlp.wrong.lora.B.weight": B},
+               tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="none of its layers are in the model.*o_proj"):
+        init_model(LMConfig(), str(tmp_path / "bad.pth"), save_dir=tiny_dir, tokenizer_path="model")

@@ -37,6 +37,9 @@ def find_data_file(path: str) -> str:
 def add_model_args(group, from_weight: str, from_weight_help: str) -> None:
     """The flags that say which model to load: --from_weight, --tokenizer_path and the sizes."""
     group.add_argument("--from_weight", default=from_weight, help=from_weight_help + " (default: %(default)s)")
+    group.add_argument("--base_weight", default="full_sft",
+                       help="when --from_weight is a MiniMind LoRA file (lora_identity_512.pth): the base it is "
+                            "merged into, as W + B A (default: %(default)s)")
     group.add_argument("--tokenizer_path", default=None,
                        help="tokenizer folder (default: the checkpoint folder's own, else the shipped model/)")
     group.add_argument("--eos_token", default=None,

@@ -154,7 +154,7 @@ class Run:
         self.lm_config = LMConfig.from_args(args)
         model, self.tokenizer = init_model(self.lm_config, args.from_weight, device=self.device,
                                            save_dir=args.save_dir, tokenizer_path=args.tokenizer_path,
-                                           eos_token=args.eos_token)
+                                           eos_token=args.eos_token, base_weight=args.base_weight)
         if args.disable_dropout and disable_dropout(model):
             print0("dropout of the model set to 0 for the run (--disable_dropout 0 keeps it)")
         # The reference is the start weights, frozen: a copy taken before any adapter goes in.
