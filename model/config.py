@@ -13,6 +13,11 @@ from dataclasses import asdict, dataclass, fields
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 
+# LMConfig field -> the flag that sets it (utils.args.add_model_args)
+MOE_FLAGS = {"num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+             "norm_topk_prob": "norm_topk_prob", "router_aux_loss_coef": "aux_loss_coef"}
+
+
 @dataclass
 class LMConfig:
     """MiniMind's model hyper-parameters (the ones its scripts expose as flags and more).
@@ -38,10 +43,11 @@ class LMConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
     dropout: float = 0.0
-    # MoE (only with use_moe)
+    # MoE (only with use_moe): MiniMind's routing
     num_experts: int = 4
-    num_experts_per_tok: int = 2
-    router_aux_loss_coef: float = 0.01
+    num_experts_per_tok: int = 1
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 5e-4
     # special tokens (the shipped tokenizer's ids; init_model takes the tokenizer's)
     pad_token_id: int = 0
     bos_token_id: int = 1
@@ -93,7 +99,7 @@ class LMConfig:
                 moe_intermediate_size=self.intermediate_size,
                 num_experts=self.num_experts,
                 num_experts_per_tok=self.num_experts_per_tok,
-                norm_topk_prob=True,
+                norm_topk_prob=self.norm_topk_prob,
                 router_aux_loss_coef=self.router_aux_loss_coef,
             )
         return Qwen3Config(**common, intermediate_size=self.intermediate_size, head_dim=self.head_dim)
@@ -118,7 +124,7 @@ class LMConfig:
         )
         if use_moe:
             kw.update(num_experts=hf_config.num_experts, num_experts_per_tok=hf_config.num_experts_per_tok,
-                      router_aux_loss_coef=hf_config.router_aux_loss_coef)
+                      norm_topk_prob=hf_config.norm_topk_prob, router_aux_loss_coef=hf_config.router_aux_loss_coef)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if isinstance(getattr(hf_config, name, None), int):
                 kw[name] = getattr(hf_config, name)
@@ -126,9 +132,13 @@ class LMConfig:
 
     @classmethod
     def from_args(cls, args) -> "LMConfig":
-        """The sizes a script's --hidden_size / --num_hidden_layers / --use_moe ask for (None: not given)."""
+        """The sizes a script's --hidden_size / --num_hidden_layers / --use_moe ask for (None: not
+        given), and its MoE routing flags (MiniMind's routing where a script has none)."""
+        moe = {k: getattr(args, flag) for k, flag in MOE_FLAGS.items() if getattr(args, flag, None) is not None}
+        if "norm_topk_prob" in moe:
+            moe["norm_topk_prob"] = bool(moe["norm_topk_prob"])
         return cls(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                   use_moe=None if args.use_moe is None else bool(args.use_moe))
+                   use_moe=None if args.use_moe is None else bool(args.use_moe), **moe)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,6 +4,8 @@
     python -m model.export --from_weight full_sft --lora_weight out/dpo_128 --out out/dpo_merged
     python -m model.export --from_weight lora_identity --out out/identity_merged   # an adapter alone:
                                                                                   # merged into its recorded base
+    python -m model.export --from_weight dpo --format minimind --out ../minimind/out --name full_sft
+                                                           # MiniMind's own .pth: out/full_sft_512[_moe].pth
 
 The folder (config.json, model.safetensors, tokenizer) loads with
 ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` as it is, and
@@ -15,9 +17,13 @@ import argparse
 import json
 import os
 
+import torch
+
+from model.config import weight_name
 from model.loading import load_for_inference
 from utils.args import add_model_args
 from utils.errors import UserError, run_cli
+from model.minimind import minimind_state_dict
 from utils.files import atomic_dir, write_tensor_files
 
 
@@ -25,7 +31,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base; write a Hugging Face model folder.")
     add_model_args(p, "full_sft", "base model (name, path), or an adapter alone, merged into the base it records")
     p.add_argument("--lora_weight", default=None, help="adapter (name or folder) merged on top of --from_weight")
-    p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite")
+    p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite "
+                                                "(--format minimind: the folder the .pth goes in)")
+    p.add_argument("--format", choices=["hf", "minimind"], default="hf",
+                   help="hf: a Hugging Face model folder; minimind: MiniMind's {name}_{hidden_size}[_moe].pth "
+                        "(fp16, its key names, MoE experts stored apart) that MiniMind's scripts load "
+                        "(default: %(default)s)")
+    p.add_argument("--name", default="full_sft", help="--format minimind: the file's name before _{hidden_size} "
+                                                      "(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--save_dir", default="out", help="where names are looked up first, then the shipped demo (default: %(default)s)")
     return p.parse_args(argv)
@@ -43,7 +56,24 @@ def export(model, tokenizer, out: str, meta: dict | None = None, extra_tensors: 
                 json.dump(meta, f, indent=2, ensure_ascii=False)
 
 
+def export_minimind(model, lm_config, out_dir: str, name: str, overwrite: bool = False) -> str:
+    """Write ``model`` as MiniMind's ``{out_dir}/{name}_{hidden}[_moe].pth``; its path."""
+    path = os.path.join(out_dir, weight_name(name, lm_config.hidden_size, lm_config.use_moe) + ".pth")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{path} already exists; choose another --name or --out, or pass --overwrite")
+    sd = minimind_state_dict(model)
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(sd, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def main(args):
+    if args.format == "minimind":
+        model, _, lm_config = load_for_inference(args)
+        path = export_minimind(model, lm_config, args.out, args.name, args.overwrite)
+        print(f"wrote {path} (MiniMind's layout, fp16; put the tokenizer that goes with it in MiniMind's model/)")
+        return path
     if os.path.exists(args.out) and not args.overwrite:
         raise UserError(f"--out {args.out} already exists; choose another folder or pass --overwrite")
     model, tokenizer, lm_config = load_for_inference(args)

@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dataset.data import stop_ids
 from model.config import LMConfig, build_model, weight_name
+from model.minimind import fuse_experts, is_minimind_lora, merge_minimind_lora
 from model.strict import key_mismatch
 from model.lora import is_adapter_dir, load_lora, merge_lora, read_adapter_meta
 from utils.errors import UserError
@@ -192,10 +193,11 @@ def infer_lm_config(sd: dict[str, torch.Tensor], path: str) -> LMConfig:
                     tie_word_embeddings=tied, num_experts=num_experts)
 
 
-def _load_file(path: str, lm_config: LMConfig):
-    sd = _read_state_dict(path)
+def _load_file(path: str, lm_config: LMConfig, sd: dict | None = None):
+    sd = fuse_experts(_read_state_dict(path) if sd is None else sd, path)  # MiniMind stores each MoE expert apart
     real = infer_lm_config(sd, path)
-    for f in ("max_position_embeddings", "rope_theta", "rms_norm_eps", "num_experts_per_tok"):
+    for f in ("max_position_embeddings", "rope_theta", "rms_norm_eps", "num_experts_per_tok", "norm_topk_prob",
+              "router_aux_loss_coef"):
         setattr(real, f, getattr(lm_config, f))  # not recorded in a bare state dict
     _check_sizes(path, lm_config, real)
     model = build_model(real)
@@ -270,13 +272,24 @@ def same_weights(a: WeightSource, b: WeightSource) -> bool:
             and os.path.realpath(a.path) == os.path.realpath(b.path))
 
 
-def _load_source(src: WeightSource, lm_config: LMConfig, save_dir: str, depth: int = 0):
-    """(model, real LMConfig, folder holding its tokenizer or None)."""
+def _load_source(src: WeightSource, lm_config: LMConfig, save_dir: str, depth: int = 0,
+                 base_weight: str = "full_sft"):
+    """(model, real LMConfig, folder holding its tokenizer or None). base_weight: the base a
+    MiniMind LoRA file (``lora_identity_512.pth``) is merged into."""
     if src.kind == "none":
         real = lm_config.filled()
         return build_model(real), real, None
     if src.kind == "file":
-        model, real = _load_file(src.path, lm_config)
+        sd = _read_state_dict(src.path)
+        if is_minimind_lora(sd):
+            base = resolve_weight(base_weight, lm_config, save_dir, flag="--base_weight")
+            if base.kind == "file" and is_minimind_lora(_read_state_dict(base.path)):
+                raise UserError(f"--base_weight {base_weight} is a MiniMind LoRA file too ({base.path}); "
+                                f"give the full model it was trained on")
+            model, real, tok_dir = _load_source(base, lm_config, save_dir, depth + 1)
+            merge_minimind_lora(model, sd, src.path)
+            return model, real, tok_dir
+        model, real = _load_file(src.path, lm_config, sd)
         return model, real, None
     if src.kind == "hf":
         model, real = _load_hf(src.path, lm_config)
@@ -304,7 +317,7 @@ def set_stop_tokens(model, tokenizer, eos_token: str | None = None) -> list[int]
 
 
 def init_model(lm_config: LMConfig, from_weight: str = "none", device="cpu", save_dir: str = "out",
-               tokenizer_path: str | None = None, eos_token: str | None = None):
+               tokenizer_path: str | None = None, eos_token: str | None = None, base_weight: str = "full_sft"):
     """Build the model ``from_weight`` names (see the module doc) and its tokenizer.
 
     lm_config: the sizes the user asked for; a None size means "the checkpoint's". It is
@@ -312,7 +325,7 @@ def init_model(lm_config: LMConfig, from_weight: str = "none", device="cpu", sav
     output files afterwards. The model comes back in fp32 on ``device``, in eval mode.
     tokenizer_path: default the checkpoint folder's own tokenizer, else the shipped one.
     eos_token: the token that ends an assistant turn (default: the chat template's own); see
-    ``set_stop_tokens``.
+    ``set_stop_tokens``. base_weight: the base a MiniMind LoRA file is merged into.
     """
     device = check_device(str(device))
     src = resolve_weight(from_weight, lm_config, save_dir)
@@ -322,7 +335,7 @@ def init_model(lm_config: LMConfig, from_weight: str = "none", device="cpu", sav
         lm_config.vocab_size = len(tokenizer)
         lm_config.pad_token_id, lm_config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         lm_config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    model, real, tokenizer_hint = _load_source(src, lm_config, save_dir)
+    model, real, tokenizer_hint = _load_source(src, lm_config, save_dir, base_weight=base_weight)
     if src.kind != "none":
         tokenizer = load_tokenizer(tokenizer_path or tokenizer_hint)
     vocab_rows = model.get_input_embeddings().weight.shape[0]
@@ -374,7 +387,8 @@ def load_for_inference(args, device="cpu"):
     chat load a model."""
     lm_config = LMConfig.from_args(args)
     model, tokenizer = init_model(lm_config, args.from_weight, device=device, save_dir=args.save_dir,
-                                  tokenizer_path=args.tokenizer_path, eos_token=args.eos_token)
+                                  tokenizer_path=args.tokenizer_path, eos_token=args.eos_token,
+                                  base_weight=args.base_weight)
     if getattr(args, "lora_weight", None):
         add_lora_weight(model, args.lora_weight, lm_config, args.save_dir)
     return model.eval(), tokenizer, lm_config

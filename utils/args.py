@@ -37,6 +37,9 @@ def find_data_file(path: str) -> str:
 def add_model_args(group, from_weight: str, from_weight_help: str) -> None:
     """The flags that say which model to load: --from_weight, --tokenizer_path and the sizes."""
     group.add_argument("--from_weight", default=from_weight, help=from_weight_help + " (default: %(default)s)")
+    group.add_argument("--base_weight", default="full_sft",
+                       help="when --from_weight is a MiniMind LoRA file (lora_identity_512.pth): the base it is "
+                            "merged into, as W + B A (default: %(default)s)")
     group.add_argument("--tokenizer_path", default=None,
                        help="tokenizer folder (default: the checkpoint folder's own, else the shipped model/)")
     group.add_argument("--eos_token", default=None,
@@ -51,6 +54,15 @@ def add_model_args(group, from_weight: str, from_weight_help: str) -> None:
                             "or the demo's 4 in train_sft.py)")
     group.add_argument("--use_moe", type=int, choices=[0, 1], default=None,
                        help="mixture-of-experts model (default: the checkpoint's own; 0 with --from_weight none)")
+    group.add_argument("--num_experts", type=int, default=None,
+                       help="MoE: experts per layer (default: the checkpoint's own; MiniMind's 4 for a new model)")
+    group.add_argument("--num_experts_per_tok", type=int, default=None,
+                       help="MoE: experts each token is routed to (default: MiniMind's 1)")
+    group.add_argument("--norm_topk_prob", type=int, choices=[0, 1], default=None,
+                       help="MoE: 1 renormalises the top-k router weights to sum to 1 (default: MiniMind's 1)")
+    group.add_argument("--aux_loss_coef", type=float, default=None,
+                       help="MoE: coefficient of the router's load-balancing loss, added while the router trains "
+                            "(default: MiniMind's 5e-4; 0 turns it off)")
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_path: str,

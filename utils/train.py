@@ -30,6 +30,7 @@ from model import LMConfig, apply_lora, init_model, save_lora, weight_name
 from model.export import export
 from model.loading import disable_dropout
 from model.lora import adapters_disabled, trainable_parameters
+from model.minimind import RouterLogits, moe_aux_loss
 from model.value_head import HEAD_FILE, ActorCritic, ValueHeadModel
 from utils.args import find_data_file
 from utils.checkpoint import (capture_rng, check_resume_args, load_latest_resume, load_trainable_state,
@@ -153,7 +154,7 @@ class Run:
         self.lm_config = LMConfig.from_args(args)
         model, self.tokenizer = init_model(self.lm_config, args.from_weight, device=self.device,
                                            save_dir=args.save_dir, tokenizer_path=args.tokenizer_path,
-                                           eos_token=args.eos_token)
+                                           eos_token=args.eos_token, base_weight=args.base_weight)
         if args.disable_dropout and disable_dropout(model):
             print0("dropout of the model set to 0 for the run (--disable_dropout 0 keeps it)")
         # The reference is the start weights, frozen: a copy taken before any adapter goes in.
@@ -166,6 +167,16 @@ class Run:
             model = wrap(model, self)
         model.train()
         self.base_model = model
+        # MoE: while the router trains, MiniMind's load-balancing loss joins every backward.
+        self.routers, self.aux_values = None, []
+        lm_cfg = getattr(getattr(model, "lm", model), "config", None)
+        if getattr(lm_cfg, "model_type", "") == "qwen3_moe" and lm_cfg.router_aux_loss_coef > 0:
+            routers = RouterLogits(model)
+            if routers.trains():
+                self.routers, self.aux_top_k, self.aux_coef = routers, lm_cfg.num_experts_per_tok, \
+                    lm_cfg.router_aux_loss_coef
+            else:
+                routers.remove()
         # Every forward that feeds a loss goes through self.model, so DDP syncs the gradients.
         self.model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if self.dist.enabled else model
@@ -221,6 +232,10 @@ class Run:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of a loss (scaled under fp16), noting whether it was finite: the next
         optimizer step is skipped if any loss since the last one was not (see step_optimizers)."""
+        if self.routers is not None:
+            aux = moe_aux_loss(self.routers.pop(), self.aux_top_k, self.aux_coef)
+            self.aux_values.append(float(aux.detach()))
+            loss = loss + aux.to(loss.device) / self.args.accumulation_steps   # as MiniMind: (loss + aux) / accum
         finite = torch.isfinite(loss.detach()).all()
         self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
         self.scaler.scale(loss).backward()
@@ -561,6 +576,8 @@ def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, ext
             else:
                 state.bad_in_row = 0
             metrics["skipped_steps"] = state.bad_steps
+            if run.aux_values:
+                metrics["aux_loss"], run.aux_values = sum(run.aux_values) / len(run.aux_values), []
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n_steps, tokens = n_steps + 1, tokens + n_tokens
