@@ -8,7 +8,9 @@
     torchrun --nproc_per_node 8 train_dpo.py ...           # DDP, the same flags
 
 Loss (DESIGN section 6): h = (l_pol(y+) - l_pol(y-)) - (l_ref(y+) - l_ref(y-)),
--log sigmoid(beta h), with ipo / hinge / robust variants and label smoothing (cDPO).
+-log sigmoid(beta h), with ipo / hinge / robust / apo_zero variants and label smoothing (cDPO);
+``--loss_type simpo`` is reference-free (no reference model, no precompute) and
+``--rpo_alpha A`` adds A times the chosen response's NLL per token (RPO); see utils/losses.py.
 Unlike the paper, l(y) is by default the mean log-prob per response token, as in the seed
 (``--logp_reduce sum`` gives the paper's sum). A per-token mean is about |y| times smaller than
 the sum, so beta must be about that much larger: the default beta is 5 with mean, 0.1 with sum.
@@ -29,11 +31,12 @@ from dataset.data import collate_pair_groups, load_pairs, tokenize_pairs
 from utils.args import add_common_args
 from utils.errors import UserError, run_cli
 from utils.logprobs import grouped_token_logprobs, masked_reduce
-from utils.losses import DPO_LOSS_TYPES, dpo_loss
+from utils.losses import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, rpo_nll, simpo_loss
 from utils.runtime import print0, to_device
 from utils.train import DataOrder, Job, Run, supervised_job, validate_common_args
 
 DEFAULT_BETA = {"mean": 5.0, "sum": 0.1}
+SIMPO_BETA = 2.0   # the SimPO paper's range is 2 to 2.5 on per-token mean log-probs
 
 
 def parse_args(argv=None):
@@ -46,8 +49,15 @@ def parse_args(argv=None):
                    help="strength of the pull towards the reference (default: 5 with --logp_reduce mean, 0.1 with sum)")
     g.add_argument("--logp_reduce", choices=["mean", "sum"], default="mean",
                    help="sequence log-prob: mean per response token (the seed) or sum (the paper) (default: %(default)s)")
-    g.add_argument("--loss_type", choices=DPO_LOSS_TYPES, default="sigmoid",
-                   help="sigmoid (DPO), ipo, hinge (SLiC) or robust (rDPO) (default: %(default)s)")
+    g.add_argument("--loss_type", choices=DPO_LOSS_TYPES + REFERENCE_FREE_LOSS_TYPES, default="sigmoid",
+                   help="sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), apo_zero (APO-zero), or simpo (SimPO: "
+                        "no reference model; rewards/* are then beta times the policy's own per-token mean "
+                        "log-probs; default beta 2) (default: %(default)s)")
+    g.add_argument("--simpo_gamma", type=float, default=0.5,
+                   help="SimPO's target margin gamma: loss -log s(beta (l(y+) - l(y-)) - gamma) (default: %(default)s)")
+    g.add_argument("--rpo_alpha", type=float, default=0.0,
+                   help="RPO: add this times the chosen response's NLL per token to the loss, logged as nll_loss "
+                        "(TRL's rpo_alpha; 0: off) (default: %(default)s)")
     g.add_argument("--label_smoothing", type=float, default=0.0,
                    help="share of pairs assumed mislabelled, for sigmoid (cDPO) and robust; in [0, 0.5) (default: 0)")
     g.add_argument("--ref_model", choices=["shared", "copy"], default=None,
@@ -56,12 +66,13 @@ def parse_args(argv=None):
     g.add_argument("--precompute_ref", type=int, choices=[0, 1], default=None,
                    help="1: reference log-probs computed once before training (default: 1 when --epochs > 1)")
     args = parser.parse_args(argv)
+    reference_free = args.loss_type in REFERENCE_FREE_LOSS_TYPES
     if args.beta is None:
-        args.beta = DEFAULT_BETA[args.logp_reduce]
-    if args.ref_model is None:
+        args.beta = SIMPO_BETA if reference_free else DEFAULT_BETA[args.logp_reduce]
+    if args.ref_model is None and not reference_free:
         args.ref_model = "shared" if args.use_lora else "copy"
     if args.precompute_ref is None:
-        args.precompute_ref = int(args.epochs > 1)
+        args.precompute_ref = 0 if reference_free else int(args.epochs > 1)
     return args
 
 
@@ -73,16 +84,61 @@ def validate_dpo_args(args) -> None:
         problems.append(f"--label_smoothing must be in [0, 0.5) (got {args.label_smoothing})")
     if args.label_smoothing and args.loss_type not in ("sigmoid", "robust"):
         problems.append(f"--label_smoothing applies to --loss_type sigmoid or robust, not {args.loss_type}")
+    if args.rpo_alpha < 0:
+        problems.append(f"--rpo_alpha must be >= 0 (got {args.rpo_alpha})")
+    if args.loss_type in REFERENCE_FREE_LOSS_TYPES:
+        if args.logp_reduce != "mean":
+            problems.append(f"--loss_type {args.loss_type} is length-normalised: it needs --logp_reduce mean")
+        if args.ref_model or args.precompute_ref:
+            problems.append(f"--loss_type {args.loss_type} uses no reference model: drop --ref_model and --precompute_ref")
     if problems:
         raise UserError("; ".join(problems))
 
 
-def pair_logprobs(model, batch: dict, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(model, batch: dict, reduce: str, chosen_token_mean: bool = False):
     """(chosen, rejected) sequence log-probs, each (B,), of a dataset.data.collate_pair_groups
-    batch: each pair runs as its prompt, then its two responses, the prompt once (grouped_token_logprobs)."""
+    batch: each pair runs as its prompt, then its two responses, the prompt once (grouped_token_logprobs).
+    With ``chosen_token_mean``, a third (B,): the chosen responses' mean log-prob per token."""
     per_token, _ = grouped_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"], 2)
-    logps = masked_reduce(per_token, batch["response_mask"][:, 1:], reduce)
-    return logps[0::2], logps[1::2]
+    mask = batch["response_mask"][:, 1:]
+    logps = masked_reduce(per_token, mask, reduce)
+    if not chosen_token_mean:
+        return logps[0::2], logps[1::2]
+    means = logps if reduce == "mean" else masked_reduce(per_token, mask, "mean")
+    return logps[0::2], logps[1::2], means[0::2]
+
+
+class OveroptimisationWatch:
+    """Warns once when the chosen responses' log-prob per token has fallen below where it started
+    while the reward margin has grown: the policy then pushes the rejected answers down faster
+    than it pulls the chosen ones up, and what it generates drifts away from both.
+
+    ``update`` takes one micro-batch's mean chosen log-prob per token and mean margin; the start
+    is the mean of the first ``window`` micro-batches, "now" the mean of the last ``window``.
+    """
+
+    def __init__(self, window: int = 8):
+        self.window, self.start, self.recent, self.warned = window, [], [], False
+
+    def update(self, chosen_token_logp: float, margin: float) -> bool:
+        """True at the one call that warns."""
+        point = (float(chosen_token_logp), float(margin))
+        if len(self.start) < self.window:
+            self.start.append(point)
+            return False
+        self.recent = (self.recent + [point])[-self.window:]
+        if self.warned or len(self.recent) < self.window:
+            return False
+        (logp0, margin0), (logp, margin_now) = (
+            [sum(v) / len(v) for v in zip(*pts)] for pts in (self.start, self.recent))
+        if logp < logp0 and margin_now > margin0:
+            self.warned = True
+            print0(f"warning: the chosen answers' log-prob per token fell from {logp0:.3f} to {logp:.3f} while the "
+                   f"reward margin grew from {margin0:.2f} to {margin_now:.2f}: the policy is pushing the rejected "
+                   f"answers down rather than the chosen ones up (over-optimisation; try --rpo_alpha 1, a larger "
+                   f"--beta or fewer steps)")
+            return True
+        return False
 
 
 @torch.no_grad()
@@ -124,22 +180,32 @@ def build(args) -> Job:
         ref_table = precompute_reference(run, items, 2 * args.batch_size, args.logp_reduce)
         print0(f"reference log-probs of {len(items)} pairs computed once")
     pad = run.tokenizer.pad_token_id
+    watch = OveroptimisationWatch()
 
     def micro_step(indices):
         batch = to_device(collate_pair_groups([items[i] for i in indices], pad), run.device)
         with run.autocast():
             if ref_table is not None:
                 ref_chosen, ref_rejected = ref_table[indices].to(run.device).unbind(-1)
-            else:
+            elif run.reference is not None:
                 with run.reference_model() as ref:
                     ref_chosen, ref_rejected = pair_logprobs(ref, batch, args.logp_reduce)
-            chosen, rejected = pair_logprobs(run.model, batch, args.logp_reduce)
-        loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type,
-                                 args.label_smoothing)
+            chosen, rejected, chosen_mean = pair_logprobs(run.model, batch, args.logp_reduce, chosen_token_mean=True)
+        if run.reference is None:              # reference-free (simpo): no reference forward at all
+            loss, metrics = simpo_loss(chosen, rejected, args.beta, args.simpo_gamma)
+        else:
+            loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type,
+                                     args.label_smoothing)
+        if args.rpo_alpha:
+            nll = rpo_nll(chosen_mean)
+            loss = loss + args.rpo_alpha * nll
+            metrics["nll_loss"] = nll.detach()
+        watch.update(chosen_mean.detach().mean(), metrics["rewards/margins"])
         return loss, metrics, int(batch["attention_mask"].sum())
 
     return supervised_job(run, order, micro_step, desc="dpo",
-                          extra_meta={"beta": args.beta, "loss_type": args.loss_type, "logp_reduce": args.logp_reduce})
+                          extra_meta={"beta": args.beta, "loss_type": args.loss_type, "logp_reduce": args.logp_reduce,
+                                      "rpo_alpha": args.rpo_alpha, "simpo_gamma": args.simpo_gamma})
 
 
 def main(args):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero")   # with a reference: dpo_loss
+REFERENCE_FREE_LOSS_TYPES = ("simpo",)                                # without one: simpo_loss
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -23,6 +24,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         robust   [-(1-e) log s(beta h) + e log s(-beta h)] / (1-2e)
         ipo      (h - 1/(2 beta))^2
         hinge    relu(1 - beta h)
+        apo_zero (1 - s(beta (l_pol(y+) - l_ref(y+)))) + s(beta (l_pol(y-) - l_ref(y-)))   (APO-zero,
+                 D'Oosterlinck et al. 2024, as TRL: each side on its own, chosen up, rejected down)
 
     Returns (loss, metrics) with metrics (all detached, batch means):
     rewards/chosen = beta (l_pol(y+) - l_ref(y+)), rewards/rejected likewise, rewards/margins
@@ -48,20 +51,61 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
+    elif loss_type == "apo_zero":
+        losses = (1 - torch.sigmoid(beta * (policy_chosen_logps - ref_chosen_logps))
+                  + torch.sigmoid(beta * (policy_rejected_logps - ref_rejected_logps)))
     else:
         raise ValueError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {loss_type!r}")
     with torch.no_grad():
-        chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
-        rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
-        metrics = {
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "logps/chosen": policy_chosen_logps.detach().mean(),
-            "logps/rejected": policy_rejected_logps.detach().mean(),
-        }
+        metrics = _pair_metrics(beta * (policy_chosen_logps - ref_chosen_logps),
+                                beta * (policy_rejected_logps - ref_rejected_logps),
+                                policy_chosen_logps, policy_rejected_logps)
     return losses.mean(), metrics
+
+
+def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+               beta: float, gamma: float = 0.5):
+    """SimPO loss (Meng et al. 2024), reference-free, mean over the batch.
+
+    policy_*_logps: (B,) length-normalised log-probs l(y)/|y| (the mean per response token) of
+    the chosen (y+) and rejected (y-) responses under the policy; gamma the target margin.
+
+        simpo    -log s(beta (l(y+)/|y+| - l(y-)/|y-|) - gamma)
+
+    (TRL writes it as -log s(beta (margin - gamma/beta)), the same.) Returns (loss, metrics) with
+    the keys of dpo_loss, the rewards being the policy's own: rewards/chosen = beta l(y+)/|y+|,
+    rewards/rejected likewise.
+    """
+    if policy_chosen_logps.shape != policy_rejected_logps.shape or policy_chosen_logps.dim() != 1:
+        raise ValueError(f"simpo_loss expects two (B,) tensors of one shape, got "
+                         f"{tuple(policy_chosen_logps.shape)} and {tuple(policy_rejected_logps.shape)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    losses = -F.logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps) - gamma)
+    with torch.no_grad():
+        metrics = _pair_metrics(beta * policy_chosen_logps, beta * policy_rejected_logps,
+                                policy_chosen_logps, policy_rejected_logps)
+    return losses.mean(), metrics
+
+
+def rpo_nll(chosen_token_mean_logps: torch.Tensor) -> torch.Tensor:
+    """The NLL term of RPO (Pang et al. 2024; TRL's rpo_alpha): the negative log-likelihood per
+    token of each chosen response, -l(y+)/|y+|, averaged over the batch. The training loss is
+    preference loss + alpha * rpo_nll. (TRL averages over all chosen tokens of the batch at
+    once; here every pair weighs the same, so micro-batches of equal size add up exactly.)"""
+    return -chosen_token_mean_logps.mean()
+
+
+def _pair_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps) -> dict:
+    """The logged batch means of a pairwise loss (see dpo_loss)."""
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps/chosen": policy_chosen_logps.detach().mean(),
+        "logps/rejected": policy_rejected_logps.detach().mean(),
+    }
 
 
 def reward_model_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
