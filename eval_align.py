@@ -8,7 +8,7 @@ Reports
   pair_acc    share of held-out preference pairs whose chosen response has a higher mean
               log-prob (per token) than the rejected one
   answer_acc  share of held-out prompts whose greedy answer ("The answer is X." / "答案是 X。")
-              equals the prompt's "answer" field
+              equals the prompt's "answer" field (another judge: --answer_check module:function)
   mean_len    mean length of the greedy responses in tokens (end token included)
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ from collections import defaultdict
 
 import torch
 
-from dataset.answers import is_correct
+from dataset.answers import AnswerCheck
 from dataset.data import encode_pairs, load_pairs, load_prompts
 from model.loading import load_for_inference
 from model.value_head import RewardModel
 from utils.args import add_model_args, project_path
 from utils.errors import UserError, run_cli
-from utils.evaluation import answer_sums, generate_responses, pair_scores, pair_sums, rates
+from utils.evaluation import add_answer_check_arg, answer_sums, generate_responses, pair_scores, pair_sums, rates
 from utils.runtime import default_device
 
 
@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--reward_model", default=None,
                    help="also report rm_pair_acc: held-out pairs this reward model (a train_reward.py folder or a "
                         "sequence-classification model folder) ranks correctly")
+    add_answer_check_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     return p.parse_args(argv)
 
@@ -76,8 +77,9 @@ def evaluate(model, tokenizer, args) -> dict:
     pair_acc, n_pairs = pair_accuracy(model, tokenizer, pairs, args.max_seq_len, args.batch_size, args.device)
     texts, lengths = generate_responses(model, tokenizer, [p["prompt"] for p in prompts], args.max_new_tokens,
                                         args.batch_size, args.device)
-    scores = rates(answer_sums(prompts, texts, lengths))
-    correct = [is_correct(t, p["answer"]) for t, p in zip(texts, prompts)]
+    check = AnswerCheck(args.answer_check)
+    correct = [check(t, p) for t, p in zip(texts, prompts)]
+    scores = rates({"correct": float(sum(correct)), "length": float(sum(lengths)), "prompts": float(len(prompts))})
     by_task = defaultdict(list)
     for ok, p in zip(correct, prompts):
         by_task[p.get("task", "all")].append(ok)
@@ -91,6 +93,7 @@ def evaluate(model, tokenizer, args) -> dict:
 
 
 def main(args):
+    AnswerCheck(args.answer_check)             # a bad --answer_check stops before any model is loaded
     model, tokenizer, _ = load_for_inference(args, device=args.device)
     result = evaluate(model, tokenizer, args)
     result["model"] = args.from_weight + (f" + {args.lora_weight}" if args.lora_weight else "")

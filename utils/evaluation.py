@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from dataset.answers import is_correct
+from dataset.answers import AnswerCheck
 from dataset.data import (collate_pairs, encode_pairs, encode_prompt, load_pairs, load_prompts, pad_with_mask, read_jsonl,
                           stop_ids)
 from utils.errors import UserError
@@ -80,16 +80,29 @@ def generate_responses(model, tokenizer, prompts: list[list[dict]], max_new_toke
     return texts, lengths
 
 
-def answer_sums(prompts: list[dict], texts: list[str], lengths: list[int]) -> dict[str, float]:
-    """{correct, length, prompts} of greedy responses, one per prompt."""
-    return {"correct": float(sum(is_correct(t, p["answer"]) for t, p in zip(texts, prompts))),
+def answer_sums(prompts: list[dict], texts: list[str], lengths: list[int],
+                check: AnswerCheck | None = None) -> dict[str, float]:
+    """{correct, length, prompts} of greedy responses, one per prompt; correct sums the scores
+    ``check`` (--answer_check; default the demo's reader) gives them."""
+    check = check or AnswerCheck()
+    return {"correct": float(sum(check(t, p) for t, p in zip(texts, prompts))),
             "length": float(sum(lengths)), "prompts": float(len(prompts))}
 
 
-def pass_sums(prompts: list[dict], texts: list[str], k: int) -> dict[str, float]:
-    """{passed}: prompts with at least one correct answer among their k samples."""
-    return {"passed": float(sum(any(is_correct(t, p["answer"]) for t in texts[i * k:(i + 1) * k])
+def pass_sums(prompts: list[dict], texts: list[str], k: int, check: AnswerCheck | None = None) -> dict[str, float]:
+    """{passed}: prompts with at least one fully correct answer (score 1) among their k samples."""
+    check = check or AnswerCheck()
+    return {"passed": float(sum(any(check(t, p) >= 1.0 for t in texts[i * k:(i + 1) * k])
                                 for i, p in enumerate(prompts)))}
+
+
+def add_answer_check_arg(group) -> None:
+    """--answer_check: how answers are judged (eval_align.py, --eval_data, the accuracy reward)."""
+    group.add_argument("--answer_check", default=None,
+                       help="module:function judging a response against a prompt's \"answer\": called as "
+                            "f(response, answer, **other_fields_of_the_line), returns a bool or a score in [0, 1]; "
+                            "used for answer_acc and by the accuracy reward (default: the demo's reader of "
+                            "\"The answer is X.\")")
 
 
 def rates(sums: dict[str, float], k: int = 0) -> dict[str, float]:
@@ -121,6 +134,7 @@ def add_eval_args(parser) -> None:
     g.add_argument("--best_metric", default=None,
                    help="what --save_best maximises: pair_acc or reward_margin for pairs, answer_acc or pass@k for "
                         "prompts (default: pair_acc or answer_acc)")
+    add_answer_check_arg(g)
 
 
 def eval_kind(path: str) -> str:
@@ -133,6 +147,7 @@ def eval_kind(path: str) -> str:
 
 def eval_arg_problems(args) -> list[str]:
     """What is wrong with the evaluation flags (the file is read, not the model)."""
+    AnswerCheck(getattr(args, "answer_check", None))      # imports it, or stops naming --answer_check
     if not getattr(args, "eval_data", None):
         return ["--save_best 1 needs --eval_data"] if getattr(args, "save_best", 0) else []
     problems = []
@@ -177,6 +192,7 @@ class TrainingEval:
         if self.kind == "prompts" and self.value_model:
             raise UserError(f"--eval_data {args.eval_data}: a reward model scores preference pairs, not prompts")
         self.metric = args.best_metric or ("pair_acc" if self.kind == "pairs" else "answer_acc")
+        self.check = AnswerCheck(getattr(args, "answer_check", None))
         self.best_stem = f"{args.save_weight}_best"
 
     def __call__(self, step: int) -> dict[str, float]:
@@ -202,11 +218,11 @@ class TrainingEval:
             return pair_sums(*pair_scores(model, tok, self.items, args.max_seq_len, bs, dev, self.value_model))
         prompts = [p["prompt"] for p in self.items]
         texts, lengths = generate_responses(model, tok, prompts, args.eval_max_new_tokens, bs, dev)
-        sums = answer_sums(self.items, texts, lengths)
+        sums = answer_sums(self.items, texts, lengths, self.check)
         if args.eval_samples:
             texts, _ = generate_responses(model, tok, prompts, args.eval_max_new_tokens, bs * args.eval_samples, dev,
                                           args.eval_samples, getattr(args, "temperature", 1.0))
-            sums.update(pass_sums(self.items, texts, args.eval_samples))
+            sums.update(pass_sums(self.items, texts, args.eval_samples, self.check))
         return sums
 
     def keep_if_best(self, state, metrics: dict[str, float]) -> None:

@@ -12,15 +12,14 @@ is imported from the working directory or the Python path), ``--reward_weights``
 """
 from __future__ import annotations
 
-import importlib
+import functools
 import math
 import os
 import re
-import sys
 
 import torch
 
-from dataset.answers import extract_answer, is_correct
+from dataset.answers import AnswerCheck, extract_answer, import_function, is_correct
 from utils.errors import UserError
 
 # ------------------------------------------------------------------------------------ built-ins
@@ -28,12 +27,16 @@ LENGTH_BUDGET = 200   # characters: the length reward is 1 up to a quarter of th
 _WORD_RE = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
 
 
-def accuracy_reward(prompts, responses, answer=None, **_):
-    """1.0 when the response's final answer ("The answer is X." / "答案是 X。") equals the data's
-    ``answer`` field, else 0.0."""
+def accuracy_reward(prompts, responses, answer=None, *, check: AnswerCheck | None = None, **fields):
+    """The score ``check`` gives each response against the data's ``answer`` field (an
+    AnswerCheck, ``--answer_check``): by default 1.0 when the response's final answer ("The
+    answer is X." / "答案是 X。") equals it, else 0.0."""
     if answer is None:
         raise ValueError('the prompt file has no "answer" field')
-    return [1.0 if is_correct(r, a) else 0.0 for r, a in zip(responses, answer)]
+    if check is None:
+        return [1.0 if is_correct(r, a) else 0.0 for r, a in zip(responses, answer)]
+    return [check(r, {"answer": a, **{k: v[i] for k, v in fields.items()}})
+            for i, (r, a) in enumerate(zip(responses, answer))]
 
 
 def format_reward(prompts, responses, **_):
@@ -74,23 +77,16 @@ BUILTIN_REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "length
                    "repetition": repetition_reward}
 
 
-def load_reward_function(spec: str):
-    """A built-in name or ``module:function``; UserError when it cannot be found."""
+def load_reward_function(spec: str, answer_check: AnswerCheck | None = None):
+    """A built-in name or ``module:function``; UserError when it cannot be found. The accuracy
+    reward judges answers with ``answer_check`` (``--answer_check``; default the demo's reader)."""
+    if spec == "accuracy" and answer_check is not None:
+        return functools.partial(accuracy_reward, check=answer_check)
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
     if ":" not in spec:
         raise UserError(f"--reward_funcs {spec}: not a built-in ({', '.join(BUILTIN_REWARDS)}) and not module:function")
-    module_name, func_name = spec.split(":", 1)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise UserError(f"--reward_funcs {spec}: cannot import {module_name} ({e.__class__.__name__}: {e})")
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise UserError(f"--reward_funcs {spec}: {module_name} has no function {func_name}")
-    return func
+    return import_function(spec, "--reward_funcs")
 
 
 class RewardFunctions:
@@ -100,9 +96,9 @@ class RewardFunctions:
     """
 
     def __init__(self, specs: list[str], weights: list[float] | None = None, clip: float | None = None,
-                 reward_model=None, reward_model_weight: float = 1.0):
+                 reward_model=None, reward_model_weight: float = 1.0, answer_check: AnswerCheck | None = None):
         self.names = list(specs)
-        self.funcs = [load_reward_function(s) for s in self.names]
+        self.funcs = [load_reward_function(s, answer_check) for s in self.names]
         if weights is None:
             weights = [1.0] * len(self.funcs)
         if len(weights) != len(self.funcs):
@@ -179,7 +175,7 @@ def check_reward_flags(args) -> None:
     does not import, a --reward_model that is not a folder, or no reward at all."""
     specs, weights = parse_reward_args(args.reward_funcs, args.reward_weights)
     if specs or weights is not None:          # imports each function, matches the weights to them
-        RewardFunctions(specs, weights)
+        RewardFunctions(specs, weights, answer_check=AnswerCheck(getattr(args, "answer_check", None)))
     if args.reward_model and not os.path.isdir(args.reward_model):
         raise UserError(f"--reward_model {args.reward_model}: no such folder; give a folder written by train_reward.py "
                         f"or a transformers sequence-classification model")
@@ -196,4 +192,5 @@ def rewards_from_args(args, device="cpu", reward_model=None) -> RewardFunctions:
         from model.value_head import RewardModel
         reward_model = RewardModel.load(args.reward_model, device=device, save_dir=getattr(args, "save_dir", "out"))
     return RewardFunctions(specs, weights, clip=args.reward_clip or None, reward_model=reward_model,
-                           reward_model_weight=args.reward_model_weight)
+                           reward_model_weight=args.reward_model_weight,
+                           answer_check=AnswerCheck(getattr(args, "answer_check", None)))
