@@ -69,7 +69,8 @@ def rm_pair_accuracy(reward_model, pairs: list[dict], max_seq_len: int) -> tuple
     return float((chosen > rejected).float().mean()), len(items)
 
 
-def evaluate(model, tokenizer, args) -> dict:
+def evaluate(model, tokenizer, args, check: AnswerCheck | None = None) -> dict:
+    """The metrics of eval_align.py; check: the --answer_check judge (built from args if None)."""
     pairs, prompts = load_pairs(args.pairs), load_prompts(args.data)
     missing = [i for i, p in enumerate(prompts) if "answer" not in p]
     if missing:
@@ -77,9 +78,8 @@ def evaluate(model, tokenizer, args) -> dict:
     pair_acc, n_pairs = pair_accuracy(model, tokenizer, pairs, args.max_seq_len, args.batch_size, args.device)
     texts, lengths = generate_responses(model, tokenizer, [p["prompt"] for p in prompts], args.max_new_tokens,
                                         args.batch_size, args.device)
-    check = AnswerCheck(args.answer_check)
-    correct = [check(t, p) for t, p in zip(texts, prompts)]
-    scores = rates({"correct": float(sum(correct)), "length": float(sum(lengths)), "prompts": float(len(prompts))})
+    correct = (check or AnswerCheck(args.answer_check)).scores(texts, prompts)
+    scores = rates(answer_sums(correct, lengths))
     by_task = defaultdict(list)
     for ok, p in zip(correct, prompts):
         by_task[p.get("task", "all")].append(ok)
@@ -93,9 +93,9 @@ def evaluate(model, tokenizer, args) -> dict:
 
 
 def main(args):
-    AnswerCheck(args.answer_check)             # a bad --answer_check stops before any model is loaded
+    check = AnswerCheck(args.answer_check)     # a bad --answer_check stops before any model is loaded
     model, tokenizer, _ = load_for_inference(args, device=args.device)
-    result = evaluate(model, tokenizer, args)
+    result = evaluate(model, tokenizer, args, check)
     result["model"] = args.from_weight + (f" + {args.lora_weight}" if args.lora_weight else "")
     if args.reward_model:
         rm = RewardModel.load(args.reward_model, device=args.device, save_dir=args.save_dir, batch_size=args.batch_size)

@@ -37,7 +37,12 @@ def is_correct(response: str, answer) -> bool:
 
 
 # ----------------------------------------------------------------------------- pluggable check
-DEFAULT_CHECK = "dataset.answers:is_correct"
+DEFAULT_CHECK = "dataset.answers:demo_check"
+
+
+def demo_check(response: str, answer, **fields) -> bool:
+    """The default --answer_check: ``is_correct``, whatever other fields the prompt line has."""
+    return is_correct(response, answer)
 
 
 def import_function(spec: str, flag: str):
@@ -60,20 +65,21 @@ def import_function(spec: str, flag: str):
 
 class AnswerCheck:
     """How a response is judged against a prompt's ``answer``: ``--answer_check module:function``,
-    by default the demo's reader (``is_correct``: "The answer is X." / "答案是 X。").
+    by default the demo's reader (``demo_check``: "The answer is X." / "答案是 X。").
 
     The function is called as ``func(response, answer, **fields)`` (fields: the prompt line's
     other columns, e.g. a task's metadata) and returns a bool or a score in [0, 1] (1: right;
     a partial score counts as that share of a correct answer). ``check(response, row)`` takes
-    a prompt row as dataset.data.load_prompts reads it and returns the score as a float.
+    a prompt row as dataset.data.load_prompts reads it and returns the score as a float;
+    ``scores(texts, rows)`` does it for aligned lists.
     """
 
     def __init__(self, spec: str | None = None):
         self.spec = spec or DEFAULT_CHECK
-        self.func = is_correct if self.spec == DEFAULT_CHECK else import_function(self.spec, "--answer_check")
+        self.func = import_function(self.spec, "--answer_check")
 
     def __call__(self, response: str, row: dict) -> float:
-        fields = {} if self.func is is_correct else {k: v for k, v in row.items() if k not in ("prompt", "answer")}
+        fields = {k: v for k, v in row.items() if k not in ("prompt", "answer")}
         try:
             value = self.func(response, row["answer"], **fields)
         except Exception as e:
@@ -86,3 +92,7 @@ class AnswerCheck:
         if not 0.0 <= score <= 1.0:       # nan fails too
             raise UserError(f"--answer_check {self.spec} returned {value!r}; it must return a bool or a score in [0, 1]")
         return score
+
+    def scores(self, texts: list[str], rows: list[dict]) -> list[float]:
+        """The score of each response against its row, aligned."""
+        return [self(t, r) for t, r in zip(texts, rows)]

@@ -11,7 +11,7 @@ from eval_align import main as eval_main, parse_args as eval_args
 from tests.conftest import first_lines
 from utils.args import project_path
 from utils.errors import UserError
-from utils.evaluation import answer_sums, pass_sums, rates
+from utils.evaluation import answer_sums, eval_arg_problems, pass_sums, rates
 from utils.rewards import RewardFunctions, check_reward_flags, rewards_from_args
 
 # A judge in another answer form: "#### 42" (GSM8K style), exact or within the line's own
@@ -79,13 +79,13 @@ def test_a_bad_judge_gets_one_line(judges, spec, words):
 def test_answer_sums_add_partial_scores_and_pass_counts_only_full_ones(judges):
     check = AnswerCheck("hash_check:score")
     prompts = [{"prompt": [], "answer": "10", "tolerance": 1}, {"prompt": [], "answer": "20", "tolerance": 1}]
-    sums = answer_sums(prompts, ["#### 10", "#### 22"], [3, 5], check)
+    sums = answer_sums(check.scores(["#### 10", "#### 22"], prompts), [3, 5])
     assert sums == {"correct": 1.5, "length": 8.0, "prompts": 2.0}
     # k = 2 samples per prompt: prompt 1 has a full score, prompt 2 only halves
     assert pass_sums(prompts, ["#### 0", "#### 10", "#### 22", "#### 18"], 2, check) == {"passed": 1.0}
     assert rates({**sums, "passed": 1.0}, k=2) == {"answer_acc": 0.75, "mean_len": 4.0, "pass@2": 0.5}
     # the default judge reads only "The answer is X."
-    assert answer_sums(prompts, ["#### 10", "The answer is 20."], [1, 1])["correct"] == 1.0
+    assert answer_sums(AnswerCheck().scores(["#### 10", "The answer is 20."], prompts), [1, 1])["correct"] == 1.0
 
 
 def reward_args(**kw):
@@ -104,9 +104,11 @@ def test_the_accuracy_reward_uses_the_same_judge(judges):
     assert RewardFunctions(["accuracy"])([[]], ["The answer is 3."], {"answer": ["3"]})[0].tolist() == [1.0]
 
 
-def test_a_bad_judge_stops_the_reward_flags_check(judges):
+def test_a_bad_judge_stops_the_flag_checks(judges):
     with pytest.raises(UserError, match="--answer_check nowhere_module:f: cannot import"):
         check_reward_flags(reward_args(answer_check="nowhere_module:f"))
+    problems = eval_arg_problems(argparse.Namespace(answer_check="nowhere_module:f", eval_data=None, save_best=1))
+    assert len(problems) == 2 and problems[0].startswith("--answer_check nowhere_module:f: cannot import")
 
 
 def test_training_scripts_take_the_flag():

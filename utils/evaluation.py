@@ -80,13 +80,10 @@ def generate_responses(model, tokenizer, prompts: list[list[dict]], max_new_toke
     return texts, lengths
 
 
-def answer_sums(prompts: list[dict], texts: list[str], lengths: list[int],
-                check: AnswerCheck | None = None) -> dict[str, float]:
-    """{correct, length, prompts} of greedy responses, one per prompt; correct sums the scores
-    ``check`` (--answer_check; default the demo's reader) gives them."""
-    check = check or AnswerCheck()
-    return {"correct": float(sum(check(t, p) for t, p in zip(texts, prompts))),
-            "length": float(sum(lengths)), "prompts": float(len(prompts))}
+def answer_sums(scores: list[float], lengths: list[int]) -> dict[str, float]:
+    """{correct, length, prompts} of greedy responses, one per prompt: correct sums the scores
+    an AnswerCheck (--answer_check) gave them (AnswerCheck.scores), length their token counts."""
+    return {"correct": float(sum(scores)), "length": float(sum(lengths)), "prompts": float(len(scores))}
 
 
 def pass_sums(prompts: list[dict], texts: list[str], k: int, check: AnswerCheck | None = None) -> dict[str, float]:
@@ -147,10 +144,13 @@ def eval_kind(path: str) -> str:
 
 def eval_arg_problems(args) -> list[str]:
     """What is wrong with the evaluation flags (the file is read, not the model)."""
-    AnswerCheck(getattr(args, "answer_check", None))      # imports it, or stops naming --answer_check
-    if not getattr(args, "eval_data", None):
-        return ["--save_best 1 needs --eval_data"] if getattr(args, "save_best", 0) else []
     problems = []
+    try:
+        AnswerCheck(getattr(args, "answer_check", None))    # imports it
+    except UserError as e:
+        problems.append(str(e))
+    if not getattr(args, "eval_data", None):
+        return problems + (["--save_best 1 needs --eval_data"] if getattr(args, "save_best", 0) else [])
     if args.eval_interval < 1:
         problems.append(f"--eval_interval must be at least 1 (got {args.eval_interval})")
     if args.eval_samples < 0 or args.eval_max_new_tokens < 1:
@@ -218,7 +218,7 @@ class TrainingEval:
             return pair_sums(*pair_scores(model, tok, self.items, args.max_seq_len, bs, dev, self.value_model))
         prompts = [p["prompt"] for p in self.items]
         texts, lengths = generate_responses(model, tok, prompts, args.eval_max_new_tokens, bs, dev)
-        sums = answer_sums(self.items, texts, lengths, self.check)
+        sums = answer_sums(self.check.scores(texts, self.items), lengths)
         if args.eval_samples:
             texts, _ = generate_responses(model, tok, prompts, args.eval_max_new_tokens, bs * args.eval_samples, dev,
                                           args.eval_samples, getattr(args, "temperature", 1.0))

@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from dataset.answers import AnswerCheck, extract_answer, import_function, is_correct
+from dataset.answers import AnswerCheck, extract_answer, import_function
 from utils.errors import UserError
 
 # ------------------------------------------------------------------------------------ built-ins
@@ -33,8 +33,7 @@ def accuracy_reward(prompts, responses, answer=None, *, check: AnswerCheck | Non
     answer is X." / "答案是 X。") equals it, else 0.0."""
     if answer is None:
         raise ValueError('the prompt file has no "answer" field')
-    if check is None:
-        return [1.0 if is_correct(r, a) else 0.0 for r, a in zip(responses, answer)]
+    check = check or AnswerCheck()
     return [check(r, {"answer": a, **{k: v[i] for k, v in fields.items()}})
             for i, (r, a) in enumerate(zip(responses, answer))]
 
@@ -80,8 +79,8 @@ BUILTIN_REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "length
 def load_reward_function(spec: str, answer_check: AnswerCheck | None = None):
     """A built-in name or ``module:function``; UserError when it cannot be found. The accuracy
     reward judges answers with ``answer_check`` (``--answer_check``; default the demo's reader)."""
-    if spec == "accuracy" and answer_check is not None:
-        return functools.partial(accuracy_reward, check=answer_check)
+    if spec == "accuracy":
+        return functools.partial(accuracy_reward, check=answer_check or AnswerCheck())
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
     if ":" not in spec:
