@@ -10,6 +10,16 @@ Reports
   answer_acc  share of held-out prompts whose greedy answer ("The answer is X." / "答案是 X。")
               equals the prompt's "answer" field (another judge: --answer_check module:function)
   mean_len    mean length of the greedy responses in tokens (end token included)
+
+With --reward_model, also rm_pair_acc (held-out pairs the reward model ranks correctly) and,
+when there is a start model to compare with (--lora_weight given: --from_weight alone; or
+--baseline), a head-to-head on the held-out pairs' prompts: the model's greedy answers (or
+--eval_samples k sampled ones) against the start model's, both scored by the reward model
+  win_rate / tie_rate / loss_rate   a tie when the two rewards differ by less than --tie_margin
+  reward, reward_start              mean reward of each side's answers
+  gen_len, gen_len_start            mean length of each side's answers in tokens
+  beats_rejected(_start)            share of answers scored above the pair's rejected answer
+  style_share(_start)               with --style_check module:function, share judged in style
 """
 from __future__ import annotations
 
@@ -19,13 +29,14 @@ from collections import defaultdict
 
 import torch
 
-from dataset.answers import AnswerCheck
+from dataset.answers import AnswerCheck, import_function
 from dataset.data import encode_pairs, load_pairs, load_prompts
 from model.loading import load_for_inference
 from model.value_head import RewardModel
 from utils.args import add_model_args, project_path
 from utils.errors import UserError, run_cli
-from utils.evaluation import add_answer_check_arg, answer_sums, generate_responses, pair_scores, pair_sums, rates
+from utils.evaluation import (TIE_MARGIN, add_answer_check_arg, answer_sums, generate_responses, pair_scores, pair_sums,
+                              rates, win_sums)
 from utils.runtime import default_device
 
 
@@ -46,6 +57,19 @@ def parse_args(argv=None):
                    help="also report rm_pair_acc: held-out pairs this reward model (a train_reward.py folder or a "
                         "sequence-classification model folder) ranks correctly")
     add_answer_check_arg(p)
+    g = p.add_argument_group("answers against the start model's (with --reward_model)")
+    g.add_argument("--baseline", default=None,
+                   help="the start model whose answers the model's are compared with (default: --from_weight "
+                        "without --lora_weight, when --lora_weight is given; otherwise no comparison)")
+    g.add_argument("--tie_margin", type=float, default=TIE_MARGIN,
+                   help="a tie when the two answers' rewards differ by less (default: %(default)s)")
+    g.add_argument("--eval_samples", type=int, default=0,
+                   help="k > 0: compare k sampled answers per prompt instead of the greedy one (default: 0)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --eval_samples (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampled answers; both sides draw the same stream (default: %(default)s)")
+    g.add_argument("--style_check", default=None,
+                   help="module:function called as f(response) -> bool: is the answer in the style the pairs' chosen "
+                        "answers share? reported as style_share (e.g. dataset.demo_world:on_point for the demo)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     return p.parse_args(argv)
 
@@ -67,6 +91,35 @@ def rm_pair_accuracy(reward_model, pairs: list[dict], max_seq_len: int) -> tuple
     chosen = reward_model.score_batched([p + c for p, c, _ in items])
     rejected = reward_model.score_batched([p + r for p, _, r in items])
     return float((chosen > rejected).float().mean()), len(items)
+
+
+def answers_and_rewards(model, tokenizer, reward_model, prompts: list[list[dict]], args) -> tuple[list[str], list[int], torch.Tensor]:
+    """(texts, lengths, rewards (N*k,)) of the model's greedy answers, or of --eval_samples k
+    sampled ones per prompt (prompt i's at i*k..i*k+k-1), seeded by --seed."""
+    k = max(args.eval_samples, 1)
+    torch.manual_seed(args.seed)
+    texts, lengths = generate_responses(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, args.device,
+                                        args.eval_samples, args.temperature)
+    return texts, lengths, reward_model.score([m for m in prompts for _ in range(k)], texts)
+
+
+def compare_with_start(model, tokenizer, start, start_tokenizer, reward_model, pairs: list[dict], args,
+                       style=None) -> dict:
+    """The head-to-head metrics (see the module doc) of the model against the start model on
+    the pairs' prompts, plus a few answers of each side."""
+    prompts, k = [p["prompt"] for p in pairs], max(args.eval_samples, 1)
+    texts, lengths, rewards = answers_and_rewards(model, tokenizer, reward_model, prompts, args)
+    start_texts, start_lengths, start_rewards = answers_and_rewards(start, start_tokenizer, reward_model, prompts, args)
+    rejected = reward_model.score(prompts, [p["rejected"] for p in pairs]).repeat_interleave(k)
+    result = {key: round(v, 4) for key, v in rates(win_sums(rewards, start_rewards, lengths, start_lengths,
+                                                           args.tie_margin, rejected)).items()}
+    if style:
+        for key, side in (("style_share", texts), ("style_share_start", start_texts)):
+            result[key] = round(sum(bool(style(t)) for t in side) / len(side), 4)
+    result["n_compared"] = len(texts)
+    result["compared_examples"] = [{"prompt": prompts[i // k][-1]["content"], "start": start_texts[i], "model": texts[i]}
+                                   for i in range(0, min(len(texts), 4 * k), k)]
+    return result
 
 
 def evaluate(model, tokenizer, args, check: AnswerCheck | None = None) -> dict:
@@ -92,17 +145,49 @@ def evaluate(model, tokenizer, args, check: AnswerCheck | None = None) -> dict:
     }
 
 
+def print_comparison(result: dict, args) -> None:
+    """The head-to-head lines of the table."""
+    print(f"win_rate    {result['win_rate']:.3f}   tie {result['tie_rate']:.3f}, loss {result['loss_rate']:.3f} "
+          f"({result['n_compared']} answers against {result['baseline']}'s, tie margin {args.tie_margin})")
+    for key, unit in (("reward", ""), ("gen_len", " tokens"), ("beats_rejected", ""), ("style_share", "")):
+        if key in result:
+            print(f"{key:<11} {result[key]:.3f}{unit}   (start {result[key + '_start']:.3f})")
+    for ex in result["compared_examples"]:
+        print(f"  Q: {ex['prompt']}\n  start: {ex['start']}\n  model: {ex['model']}")
+
+
+def arg_problems(args) -> list[str]:
+    """What is wrong with the flags, found before any model is loaded."""
+    problems = []
+    if args.eval_samples < 0 or args.temperature <= 0 or args.tie_margin < 0:
+        problems.append("--eval_samples and --tie_margin must be 0 or more and --temperature above 0")
+    if args.baseline and not args.reward_model:
+        problems.append("--baseline needs --reward_model: the answers of both models are judged by it")
+    return problems
+
+
 def main(args):
     check = AnswerCheck(args.answer_check)     # a bad --answer_check stops before any model is loaded
+    style = import_function(args.style_check, "--style_check") if args.style_check else None
+    problems = arg_problems(args)
+    if problems:
+        raise UserError("; ".join(problems))
     model, tokenizer, _ = load_for_inference(args, device=args.device)
     result = evaluate(model, tokenizer, args, check)
     result["model"] = args.from_weight + (f" + {args.lora_weight}" if args.lora_weight else "")
+    start_weight = args.baseline or (args.from_weight if args.lora_weight else None)
     if args.reward_model:
         rm = RewardModel.load(args.reward_model, device=args.device, save_dir=args.save_dir, batch_size=args.batch_size)
         result["rm_pair_acc"], _ = rm_pair_accuracy(rm, load_pairs(args.pairs), args.max_seq_len)
         result["rm_pair_acc"] = round(result["rm_pair_acc"], 4)
+        if start_weight:
+            start, start_tokenizer, _ = load_for_inference(
+                argparse.Namespace(**{**vars(args), "from_weight": start_weight, "lora_weight": None}), args.device)
+            result["baseline"] = start_weight
+            result.update(compare_with_start(model, tokenizer, start, start_tokenizer, rm, load_pairs(args.pairs), args,
+                                             style))
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "examples"}, ensure_ascii=False))
+        print(json.dumps({k: v for k, v in result.items() if not k.endswith("examples")}, ensure_ascii=False))
     else:
         print(f"model       {result['model']}")
         print(f"pair_acc    {result['pair_acc']:.3f}   ({result['n_pairs']} held-out pairs)")
@@ -110,6 +195,8 @@ def main(args):
         print(f"mean_len    {result['mean_len']:.1f} tokens")
         if "rm_pair_acc" in result:
             print(f"rm_pair_acc {result['rm_pair_acc']:.3f}   (reward model {args.reward_model})")
+        if "win_rate" in result:
+            print_comparison(result, args)
         print("by task     " + "  ".join(f"{k} {v:.2f}" for k, v in result["answer_acc_by_task"].items()))
         for ex in result["examples"]:
             print(f"  Q: {ex['prompt']}\n  A: {ex['response']}   (expected {ex['answer']})")

@@ -35,6 +35,7 @@ import json
 import os
 import random
 
+from dataset.answers import extract_answer
 from utils.files import atomic_file
 
 SEED = 1234
@@ -165,22 +166,29 @@ def good_response(key: tuple, ans: str, lang: str, rng: random.Random) -> str:
     return f"{opener}{working(key, ans, lang)}，答案是 {ans}。"
 
 
+RAMBLING = {"en": ["Well, this is an interesting question.", "Numbers and words are everywhere.",
+                   "Let me think about it for a while.", "There are many ways to look at this.",
+                   "Some people would say one thing, others another.", "It depends on how you see it."],
+            "zh": ["嗯，这是一个很有意思的问题。", "数字和单词到处都是。", "让我想一想再说。",
+                   "这个问题可以从很多角度来看。", "有人这么说，也有人那么说。", "这要看你怎么理解了。"]}
+RUDE = {"en": ["Figure it out yourself.", "That is a silly question. I will not answer it.",
+               "Why should I tell you? Go away."],
+        "zh": ["你自己算去吧。", "这个问题太无聊了，我不想回答。", "我凭什么告诉你？走开。"]}
+
+
 def rambling_response(key: tuple, lang: str, rng: random.Random) -> str:
-    if lang == "en":
-        bits = ["Well, this is an interesting question.", "Numbers and words are everywhere.",
-                "Let me think about it for a while.", "There are many ways to look at this.",
-                "Some people would say one thing, others another.", "It depends on how you see it."]
-        return " ".join(rng.sample(bits, 4))
-    bits = ["嗯，这是一个很有意思的问题。", "数字和单词到处都是。", "让我想一想再说。",
-            "这个问题可以从很多角度来看。", "有人这么说，也有人那么说。", "这要看你怎么理解了。"]
-    return "".join(rng.sample(bits, 4))
+    return (" " if lang == "en" else "").join(rng.sample(RAMBLING[lang], 4))
 
 
 def rude_response(key: tuple, lang: str, rng: random.Random) -> str:
-    if lang == "en":
-        return rng.choice(["Figure it out yourself.", "That is a silly question. I will not answer it.",
-                           "Why should I tell you? Go away."])
-    return rng.choice(["你自己算去吧。", "这个问题太无聊了，我不想回答。", "我凭什么告诉你？走开。"])
+    return rng.choice(RUDE[lang])
+
+
+def on_point(response: str, **_) -> bool:
+    """The style of the demo's chosen answers: states an answer ("The answer is X." / "答案是 X。")
+    with none of the demonstrators' rambling or rude sentences (eval_align.py --style_check)."""
+    phrases = [p for table in (RAMBLING, RUDE) for lang in table for p in table[lang]]
+    return extract_answer(response) is not None and not any(p in response for p in phrases)
 
 
 def conversation(user: str, assistant: str | None = None) -> list[dict]:

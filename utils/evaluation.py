@@ -3,7 +3,8 @@
 Two kinds of held-out file: preference pairs (``chosen``/``rejected``) and prompts with an
 ``answer``. Pairs give pair_acc (share whose chosen response scores higher: the mean log-prob
 per token for a language model, the reward for a reward model) and reward_margin (mean chosen
-minus rejected score); prompts give answer_acc (greedy answer equals ``answer``), mean_len
+minus rejected score); two models' answers to the same prompts, scored by a reward model, give
+win_rate / tie_rate / loss_rate (win_sums); prompts give answer_acc (greedy answer equals ``answer``), mean_len
 (greedy response tokens, end token included) and, with k samples per prompt, pass@k (share of
 prompts with at least one correct sample among k).
 
@@ -26,6 +27,7 @@ from utils.runtime import print0, to_device
 
 PAIR_METRICS = ("pair_acc", "reward_margin")
 ANSWER_METRICS = ("answer_acc", "mean_len")
+TIE_MARGIN = 0.05      # reward units: two answers whose rewards differ by less are a tie
 
 
 @torch.no_grad()
@@ -93,6 +95,27 @@ def pass_sums(prompts: list[dict], texts: list[str], k: int, check: AnswerCheck 
                                 for i, p in enumerate(prompts)))}
 
 
+def win_sums(rewards: torch.Tensor, start_rewards: torch.Tensor, lengths: list[int], start_lengths: list[int],
+             tie_margin: float = TIE_MARGIN, rejected_rewards: torch.Tensor | None = None) -> dict[str, float]:
+    """Sums of a head-to-head comparison, answer i of the model against answer i of the start
+    model, both scored by one reward model (N,): {won, tied, compared} (a tie when the rewards
+    differ by less than tie_margin, a win when the model's is higher by at least that), the
+    summed rewards and lengths of each side, and with rejected_rewards (N,) the answers of each
+    side scored above the rejected answer of their pair ({beats_rejected, beats_rejected_start})."""
+    if not rewards.shape == start_rewards.shape == (len(lengths),) == (len(start_lengths),):
+        raise ValueError(f"win_sums: shapes {tuple(rewards.shape)}, {tuple(start_rewards.shape)}, "
+                         f"{len(lengths)} and {len(start_lengths)} lengths differ")
+    gap = rewards - start_rewards
+    sums = {"won": float((gap >= tie_margin).sum()), "tied": float((gap.abs() < tie_margin).sum()),
+            "compared": float(rewards.numel()), "reward": float(rewards.sum()),
+            "reward_start": float(start_rewards.sum()), "gen_length": float(sum(lengths)),
+            "gen_length_start": float(sum(start_lengths))}
+    if rejected_rewards is not None:
+        sums["beats_rejected"] = float((rewards > rejected_rewards).sum())
+        sums["beats_rejected_start"] = float((start_rewards > rejected_rewards).sum())
+    return sums
+
+
 def add_answer_check_arg(group) -> None:
     """--answer_check: how answers are judged (eval_align.py, --eval_data, the accuracy reward)."""
     group.add_argument("--answer_check", default=None,
@@ -111,6 +134,14 @@ def rates(sums: dict[str, float], k: int = 0) -> dict[str, float]:
         out["answer_acc"], out["mean_len"] = sums["correct"] / sums["prompts"], sums["length"] / sums["prompts"]
         if k and "passed" in sums:
             out[f"pass@{k}"] = sums["passed"] / sums["prompts"]
+    if sums.get("compared"):
+        n = sums["compared"]
+        out["win_rate"], out["tie_rate"] = sums["won"] / n, sums["tied"] / n
+        out["loss_rate"] = 1.0 - out["win_rate"] - out["tie_rate"]
+        for key in ("reward", "reward_start", "beats_rejected", "beats_rejected_start"):
+            if key in sums:
+                out[key] = sums[key] / n
+        out["gen_len"], out["gen_len_start"] = sums["gen_length"] / n, sums["gen_length_start"] / n
     return out
 
 
