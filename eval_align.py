@@ -35,7 +35,7 @@ from model.loading import load_for_inference
 from model.value_head import RewardModel
 from utils.args import add_model_args, project_path
 from utils.errors import UserError, run_cli
-from utils.evaluation import (TIE_MARGIN, add_answer_check_arg, answer_sums, generate_responses, pair_scores, pair_sums,
+from utils.evaluation import (add_answer_check_arg, add_tie_margin_arg, answer_sums, generate_responses, pair_scores, pair_sums,
                               rates, win_sums)
 from utils.runtime import default_device
 
@@ -61,8 +61,7 @@ def parse_args(argv=None):
     g.add_argument("--baseline", default=None,
                    help="the start model whose answers the model's are compared with (default: --from_weight "
                         "without --lora_weight, when --lora_weight is given; otherwise no comparison)")
-    g.add_argument("--tie_margin", type=float, default=TIE_MARGIN,
-                   help="a tie when the two answers' rewards differ by less (default: %(default)s)")
+    add_tie_margin_arg(g)
     g.add_argument("--eval_samples", type=int, default=0,
                    help="k > 0: compare k sampled answers per prompt instead of the greedy one (default: 0)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --eval_samples (default: %(default)s)")

@@ -114,3 +114,38 @@ def test_bad_flags_stop_before_loading(few_pairs):
         main(parse_args(["--reward_model", "x", "--tie_margin", "-1"]))
     with pytest.raises(UserError, match="--style_check nope:f"):
         main(parse_args(["--style_check", "nope:f"]))
+
+
+@pytest.mark.parametrize("script", ["dpo", "gpo"])
+def test_during_training_the_start_model_is_the_one_training_began_from(tmp_path, reward_dir, tiny_dir, script):
+    """With a learning rate too small to move any greedy answer, every answer ties with the start's."""
+    import importlib
+    import os
+    from conftest import first_lines, run_args
+    mod = importlib.import_module(f"train_{script}")
+    data = first_lines("dataset/dpo.jsonl" if script == "dpo" else "dataset/rl.jsonl", 8, tmp_path)
+    extra = [] if script == "dpo" else ["--num_generations", "2", "--max_gen_len", "6", "--reward_funcs",
+                                        "tests.helpers.toy_rewards:char_count"]
+    out = mod.main(run_args(mod.parse_args, tmp_path, data, os.path.join(tiny_dir, "full_sft_32"), *extra,
+                            "--max_steps", "2", "--learning_rate", "1e-12", "--eval_data",
+                            first_lines("dataset/heldout_dpo.jsonl", 6, tmp_path), "--eval_interval", "1",
+                            "--eval_reward_model", reward_dir, "--eval_max_new_tokens", "6"))
+    scored = [json.loads(x) for x in open(out + "_metrics.jsonl") if "eval/win_rate" in x]
+    assert [r["step"] for r in scored] == [1, 2]
+    for r in scored:
+        assert (r["eval/win_rate"], r["eval/tie_rate"]) == (0.0, 1.0)
+        assert r["eval/reward"] == pytest.approx(r["eval/reward_start"]) and 0 <= r["eval/beats_rejected"] <= 1
+
+
+def test_bad_training_comparison_flags(tmp_path, tiny_dir, reward_dir):
+    import os
+    import train_dpo
+    from conftest import first_lines, run_args
+    data = first_lines("dataset/dpo.jsonl", 8, tmp_path)
+    args = lambda *x: run_args(train_dpo.parse_args, tmp_path, data, os.path.join(tiny_dir, "full_sft_32"), *x)
+    with pytest.raises(UserError, match="--eval_reward_model needs --eval_data"):
+        train_dpo.main(args("--eval_reward_model", reward_dir))
+    with pytest.raises(UserError, match="compares answers to the prompts of held-out pairs"):
+        train_dpo.main(args("--eval_reward_model", reward_dir, "--eval_data",
+                            first_lines("dataset/heldout_rl.jsonl", 4, tmp_path)))
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ one process.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -21,6 +22,8 @@ import torch
 from dataset.answers import AnswerCheck
 from dataset.data import (collate_pairs, encode_pairs, encode_prompt, load_pairs, load_prompts, pad_with_mask, read_jsonl,
                           stop_ids)
+from model.lora import adapters_disabled
+from model.value_head import ActorCritic, RewardModel, ValueHeadModel, last_token_index
 from utils.errors import UserError
 from utils.logprobs import model_sequence_logprobs
 from utils.runtime import print0, to_device
@@ -35,7 +38,6 @@ def pair_scores(model, tokenizer, pairs: list[dict], max_seq_len: int, batch_siz
                 value_model: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen (n,), rejected (n,)) scores of the pairs that fit max_seq_len: the mean log-prob
     per response token, or with value_model the value at the last token (a reward model)."""
-    from model.value_head import last_token_index
     items, _ = encode_pairs(pairs, tokenizer, max_seq_len)
     chosen, rejected = [], []
     for start in range(0, len(items), batch_size):
@@ -162,7 +164,19 @@ def add_eval_args(parser) -> None:
     g.add_argument("--best_metric", default=None,
                    help="what --save_best maximises: pair_acc or reward_margin for pairs, answer_acc or pass@k for "
                         "prompts (default: pair_acc or answer_acc)")
+    g.add_argument("--eval_reward_model", default=None,
+                   help="with held-out pairs: also the model's greedy answers to their prompts against the start "
+                        "model's, scored by this reward model (a train_reward.py folder or a sequence-classification "
+                        "model), logged as eval/win_rate, eval/tie_rate, eval/reward, eval/beats_rejected, ... "
+                        "as eval_align.py reports them (default: none)")
+    add_tie_margin_arg(g)
     add_answer_check_arg(g)
+
+
+def add_tie_margin_arg(group) -> None:
+    """--tie_margin: when two answers' rewards count as a tie (eval_align.py, --eval_reward_model)."""
+    group.add_argument("--tie_margin", type=float, default=TIE_MARGIN,
+                       help="a tie when two answers' rewards differ by less (default: %(default)s)")
 
 
 def eval_kind(path: str) -> str:
@@ -181,7 +195,9 @@ def eval_arg_problems(args) -> list[str]:
     except UserError as e:
         problems.append(str(e))
     if not getattr(args, "eval_data", None):
-        return problems + (["--save_best 1 needs --eval_data"] if getattr(args, "save_best", 0) else [])
+        return problems + [f"{flag} needs --eval_data" for flag, on in
+                           (("--save_best 1", getattr(args, "save_best", 0)),
+                            ("--eval_reward_model", getattr(args, "eval_reward_model", None))) if on]
     if args.eval_interval < 1:
         problems.append(f"--eval_interval must be at least 1 (got {args.eval_interval})")
     if args.eval_samples < 0 or args.eval_max_new_tokens < 1:
@@ -196,7 +212,18 @@ def eval_arg_problems(args) -> list[str]:
                             f"prompts are scored by their answers")
     else:
         load_pairs(args.eval_data)
-    allowed = PAIR_METRICS if kind == "pairs" else ("answer_acc",) + ((f"pass@{args.eval_samples}",)
+    reward_model = getattr(args, "eval_reward_model", None)
+    if reward_model and kind != "pairs":
+        problems.append(f"--eval_reward_model compares answers to the prompts of held-out pairs; {args.eval_data} "
+                        f"holds prompts")
+    elif reward_model and not (getattr(args, "use_lora", 1) or getattr(args, "ref_model", None) == "copy"):
+        problems.append("--eval_reward_model compares with the start model: train LoRA adapters (--use_lora 1) "
+                        "or keep a copy (--ref_model copy)")
+    if reward_model and not os.path.isdir(reward_model):
+        problems.append(f"--eval_reward_model {reward_model}: no such folder")
+    if getattr(args, "tie_margin", 0) < 0:
+        problems.append(f"--tie_margin must be 0 or more (got {args.tie_margin})")
+    allowed = PAIR_METRICS + (("win_rate",) if reward_model else ()) if kind == "pairs" else ("answer_acc",) + ((f"pass@{args.eval_samples}",)
                                                                        if args.eval_samples else ())
     if args.best_metric is not None and args.best_metric not in allowed:
         problems.append(f"--best_metric {args.best_metric}: the {kind} in {args.eval_data} give {', '.join(allowed)}")
@@ -211,7 +238,6 @@ class TrainingEval:
     with evaluation trains exactly as one without, and resumes exactly."""
 
     def __init__(self, run):
-        from model.value_head import ActorCritic, ValueHeadModel
         args = self.args = run.args
         self.run, self.kind = run, eval_kind(args.eval_data)
         rank, world = run.dist.rank, run.dist.world_size
@@ -225,6 +251,12 @@ class TrainingEval:
         self.metric = args.best_metric or ("pair_acc" if self.kind == "pairs" else "answer_acc")
         self.check = AnswerCheck(getattr(args, "answer_check", None))
         self.best_stem = f"{args.save_weight}_best"
+        self.reward_model, self.start = None, None
+        if getattr(args, "eval_reward_model", None):
+            if self.value_model:
+                raise UserError("--eval_reward_model compares a language model's answers; a reward model has none")
+            self.reward_model = RewardModel.load(args.eval_reward_model, device=run.device, save_dir=args.save_dir,
+                                                 batch_size=max(1, args.batch_size))
 
     def __call__(self, step: int) -> dict[str, float]:
         run, args = self.run, self.args
@@ -246,7 +278,8 @@ class TrainingEval:
         args, tok, dev = self.args, self.run.tokenizer, self.run.device
         bs = max(1, args.batch_size)
         if self.kind == "pairs":
-            return pair_sums(*pair_scores(model, tok, self.items, args.max_seq_len, bs, dev, self.value_model))
+            sums = pair_sums(*pair_scores(model, tok, self.items, args.max_seq_len, bs, dev, self.value_model))
+            return sums | (self.comparison_sums(model) if self.reward_model is not None else {})
         prompts = [p["prompt"] for p in self.items]
         texts, lengths = generate_responses(model, tok, prompts, args.eval_max_new_tokens, bs, dev)
         sums = answer_sums(self.check.scores(texts, self.items), lengths)
@@ -255,6 +288,32 @@ class TrainingEval:
                                           args.eval_samples, getattr(args, "temperature", 1.0))
             sums.update(pass_sums(self.items, texts, args.eval_samples, self.check))
         return sums
+
+    def comparison_sums(self, model) -> dict[str, float]:
+        """win_sums of the model's greedy answers to the pairs' prompts against the start model's
+        (the reference, or the policy with its adapters off), both scored by --eval_reward_model;
+        the start's answers and rewards are computed once."""
+        args, tok, dev, rm = self.args, self.run.tokenizer, self.run.device, self.reward_model
+        prompts, bs = [p["prompt"] for p in self.items], max(1, args.batch_size)
+        if self.start is None:
+            with self.start_model() as start:
+                texts, lengths = generate_responses(start, tok, prompts, args.eval_max_new_tokens, bs, dev)
+            self.start = (rm.score(prompts, texts), lengths, rm.score(prompts, [p["rejected"] for p in self.items]))
+        texts, lengths = generate_responses(model, tok, prompts, args.eval_max_new_tokens, bs, dev)
+        start_rewards, start_lengths, rejected = self.start
+        return win_sums(rm.score(prompts, texts), start_rewards, lengths, start_lengths, args.tie_margin, rejected)
+
+    @contextlib.contextmanager
+    def start_model(self):
+        """The model as training found it: the reference if the run keeps one, else the policy
+        with every adapter off."""
+        run = self.run
+        if run.reference is not None:
+            with run.reference_model() as ref:
+                yield ref
+            return
+        with torch.no_grad(), adapters_disabled(run.lm):
+            yield run.lm
 
     def keep_if_best(self, state, metrics: dict[str, float]) -> None:
         """--save_best 1: save the weights as {save_weight}_best_... when eval/<best_metric> beats
