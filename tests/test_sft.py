@@ -44,12 +44,12 @@ def test_resume_equals_uninterrupted(tmp_path, small_sft, tiny_dir, mode):
         ["--use_lora", "1", "--from_weight", os.path.join(tiny_dir, "full_sft_32")]
     common = [*size, "--accumulation_steps", "2", "--learning_rate", "1e-2"]
     straight = main(args_for(tmp_path / "a", small_sft, *common, "--max_steps", "5"))
-    main(args_for(tmp_path / "b", small_sft, *common, "--max_steps", "2"))
+    main(args_for(tmp_path / "b", small_sft, *common, "--max_steps", "5", "--stop_after_steps", "2"))
     resumed = main(args_for(tmp_path / "b", small_sft, *common, "--max_steps", "5", "--from_resume", "1"))
     wa, wb = weights(straight), weights(resumed)
     assert wa.keys() == wb.keys()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
-    start = main(args_for(tmp_path / "c", small_sft, *common, "--max_steps", "1"))
+    start = main(args_for(tmp_path / "c", small_sft, *common, "--max_steps", "5", "--stop_after_steps", "1"))
     assert max(float((wa[k] - weights(start)[k]).abs().max()) for k in wa) > 1e-4  # training moved the weights
     steps = [json.loads(l)["step"] for l in open(resumed + "_metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5]  # the metrics file continues without gaps or repeats
@@ -115,7 +115,7 @@ def test_sigterm_saves_then_exits_and_resume_continues(tmp_path, small_sft):
     ckpt = torch.load(tmp_path / "ck" / "full_sft_32_resume.pth", weights_only=True)
     done = ckpt["step"]
     assert done >= 3 and os.path.isfile(tmp_path / "out" / "full_sft_32" / "model.safetensors")
-    resumed = subprocess.run(args + ["--from_resume", "1", "--max_steps", str(done + 2)],
+    resumed = subprocess.run(args + ["--from_resume", "1", "--stop_after_steps", str(done + 2)],
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
