@@ -1,5 +1,6 @@
 """train_sft.py end to end: a tiny run, exact resume, bad input through the real CLI."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -60,6 +61,44 @@ def test_resume_file_from_other_args_is_refused(tmp_path, small_sft):
     main(args_for(tmp_path, small_sft, *base))
     with pytest.raises(UserError, match="other arguments .*--learning_rate"):
         main(args_for(tmp_path, small_sft, *base, "--from_resume", "1", "--learning_rate", "0.5"))
+
+
+def logged(tmp, key):
+    return [json.loads(l)[key] for l in open(tmp / "out" / "full_sft_32_metrics.jsonl")]
+
+
+def test_max_steps_sets_the_schedule_and_stop_after_steps_keeps_it(tmp_path, small_sft):
+    """lr of step k of N = peak (0.1 + 0.45 (1 + cos(pi (k - 1) / (N - 1)))): the peak at step 1,
+    0.55 peak at step 13 of 25 (cos(pi / 2) = 0) and 0.1 peak, the end value, at step 25."""
+    tiny = ["--hidden_size", "32", "--num_hidden_layers", "2", "--epochs", "3", "--learning_rate", "1e-3"]
+    main(args_for(tmp_path / "a", small_sft, *tiny, "--max_steps", "25"))       # 36 steps in 3 epochs
+    lrs = logged(tmp_path / "a", "lr")
+    assert len(lrs) == 25
+    assert (lrs[0], lrs[12], lrs[24]) == pytest.approx((1e-3, 0.55e-3, 0.1e-3), rel=1e-12)
+    main(args_for(tmp_path / "b", small_sft, *tiny, "--max_steps", "25", "--stop_after_steps", "10"))
+    assert logged(tmp_path / "b", "lr") == lrs[:10]
+    ckpt = torch.load(tmp_path / "b" / "ck" / "full_sft_32_resume.pth", weights_only=True)
+    assert (ckpt["step"], ckpt["schedule_steps"]) == (10, 25)
+    with pytest.raises(UserError, match=r"schedule of 25 steps, these flags give 30 \(--max_steps 30, --epochs 3\); "
+                                        r"resume with the --max_steps and --epochs it started with"):
+        main(args_for(tmp_path / "b", small_sft, *tiny, "--max_steps", "30", "--from_resume", "1"))
+    main(args_for(tmp_path / "b", small_sft, *tiny, "--max_steps", "25", "--from_resume", "1"))
+    assert logged(tmp_path / "b", "lr") == lrs
+
+
+def test_an_older_resume_file_keeps_its_schedule_over_every_epoch(tmp_path, small_sft, capsys):
+    """A file written before schedule_steps: the schedule spans the 12 steps of the epoch, as
+    it did, and --max_steps only stops the run."""
+    tiny = ["--hidden_size", "32", "--num_hidden_layers", "2", "--learning_rate", "1e-3"]
+    main(args_for(tmp_path, small_sft, *tiny, "--stop_after_steps", "2"))
+    path = tmp_path / "ck" / "full_sft_32_resume.pth"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["schedule_steps"]
+    torch.save(ckpt, path)
+    main(args_for(tmp_path, small_sft, *tiny, "--from_resume", "1", "--max_steps", "4"))
+    assert "records no schedule length" in capsys.readouterr().out
+    lrs = logged(tmp_path, "lr")
+    assert len(lrs) == 4 and lrs[3] == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 3 / 11))), rel=1e-12)
 
 
 def test_resume_without_file_starts_fresh(tmp_path, small_sft, capsys):
