@@ -143,7 +143,8 @@ class OveroptimisationWatch:
 
 
 @torch.no_grad()
-def precompute_reference(run: Run, items: list, batch_size: int, reduce: str, used: set[int] | None = None) -> torch.Tensor:
+def precompute_reference(run: Run, items: list, batch_size: int, reduce: str,
+                         used: set[int] | None = None) -> torch.Tensor:
     """(N, 2) reference log-probs (chosen, rejected) of every pair, or of the pairs in ``used``
     (the rows of the others may stay 0), on CPU.
 

@@ -9,8 +9,9 @@ A supervised script (SFT, DPO, reward model) reads:
     train(run, order, micro_step, desc="dpo")               # the loop below
 
 ``train`` does the rest: --from_resume 1, gradient accumulation (DDP syncs only on the last
-micro-batch), cosine learning rate (ending at --max_steps), --stop_after_steps, clipping, logging (metrics averaged over the log window
-and over ranks), saving every --save_interval, at the end and on SIGTERM/SIGINT.
+micro-batch), cosine learning rate (ending at --max_steps), --stop_after_steps, clipping,
+logging (metrics averaged over the log window and over ranks), saving every --save_interval,
+at the end and on SIGTERM/SIGINT.
 """
 from __future__ import annotations
 
@@ -309,21 +310,28 @@ class Run:
 
     def check_resume(self, order: DataOrder) -> TrainState:
         """Read and check the resume file (with --from_resume 1) and fix the run's length; returns
-        the state the run will start from. Everything that would make the resumed run train
-        something else stops it here, with what differs: another algorithm, other arguments,
-        another model size, another data file, another schedule, other trainable parameters.
-        Cheap, so a script calls it before any expensive set-up (DPO's reference precompute);
-        resume_or_start calls it when the script did not. Sets ``schedule_steps`` (where the
-        learning-rate schedule ends: --max_steps, else every epoch) and ``stop_step`` (where
-        this launch stops: --stop_after_steps, else the schedule's end)."""
+        the state the run will start from. Cheap, so a script calls it before any expensive
+        set-up (DPO's reference precompute); resume_or_start calls it when the script did not.
+        Sets ``schedule_steps`` (where the learning-rate schedule ends: --max_steps, else every
+        epoch) and ``stop_step`` (where this launch stops: --stop_after_steps, else there)."""
         args = self.args
         self.data_examples = order.n
         self.schedule_steps = min(order.total_steps, args.max_steps) if args.max_steps else order.total_steps
-        limits = [args.stop_after_steps]
         self._resume, self.start = None, TrainState()
-        found = load_latest_resume(self.resume_file, say=print0) if args.from_resume else None
-        if args.from_resume and found is None:
-            others = other_size_resume_files(args.checkpoint_dir, args.save_weight, self.resume_file)
+        stops = [args.stop_after_steps]
+        found = self.find_resume() if args.from_resume else None
+        if found is not None:
+            self.start, self._resume = self.checked_start(*found, order), found
+            if "schedule_steps" not in found[0]:   # written when --max_steps only stopped a run: it still does
+                stops.append(args.max_steps)
+        self.stop_step = min([self.schedule_steps] + [k for k in stops if k])
+        return self.start
+
+    def find_resume(self) -> tuple[dict, str] | None:
+        """(state, file) of the resume file to continue from, or None (a fresh start, said so)."""
+        found = load_latest_resume(self.resume_file, say=print0)
+        if found is None:
+            others = other_size_resume_files(self.args.checkpoint_dir, self.args.save_weight, self.resume_file)
             if others:
                 raise UserError(f"--from_resume 1: no {os.path.basename(self.resume_file)} for this model size "
                                 f"(--hidden_size {self.lm_config.hidden_size}"
@@ -331,42 +339,43 @@ class Run:
                                 f"saved for another size; pass the sizes it was trained with to resume it, "
                                 f"or --from_resume 0 to start a new run")
             print0(f"--from_resume 1: no resume file at {self.resume_file}, starting fresh")
-        if found is not None:
-            ckpt, path = found
-            if ckpt.get("algorithm") != self.algorithm:
-                raise UserError(f"{path} was written by {ckpt.get('algorithm')}, not {self.algorithm}; "
-                                f"use another --save_weight or --checkpoint_dir")
-            check_resume_args(upgraded_resume_args(ckpt["args"], self.resume_args()), self.resume_args(), path)
-            if ckpt.get("data_examples", order.n) != order.n:
-                raise UserError(f"{path} was written for {ckpt['data_examples']} examples in {args.data_path}, "
-                                f"which now has {order.n}; resume with the data it was trained on, "
-                                f"or --from_resume 0 to start over")
-            same_world = ckpt["world_size"] == self.dist.world_size
-            saved_schedule = ckpt.get("schedule_steps")
-            if saved_schedule is None:   # written when --max_steps only stopped a run: it keeps that meaning
-                print0(f"resume: {path} records no schedule length: the schedule spans every epoch as when it "
-                       f"was written, and --max_steps only stops the run")
-                self.schedule_steps = order.total_steps
-                limits.append(args.max_steps)
-            elif same_world and saved_schedule != self.schedule_steps:
-                raise UserError(f"{path} was written for a learning-rate schedule of {saved_schedule} steps, these "
-                                f"flags give {self.schedule_steps} (--max_steps {args.max_steps}, --epochs "
-                                f"{args.epochs}); resume with the --max_steps and --epochs it started with (stop "
-                                f"early with --stop_after_steps K), or --from_resume 0 to start over")
-            check_trainable_state(self.base_model, ckpt["model"], path)
-            step, micro = ckpt["step"], ckpt["micro"]
-            if not same_world:
-                step, micro = rescaled_position(micro, ckpt["world_size"], self.dist.world_size, order.micro_per_step)
-                samples = ckpt["micro"] * args.batch_size * ckpt["world_size"]
-                print0(f"resume: world size {ckpt['world_size']} -> {self.dist.world_size}: step {ckpt['step']} -> "
-                       f"{step} (the same {samples} examples seen; the data order and sampling RNG continue per "
-                       f"rank, so the run is not bit-identical to one that kept {ckpt['world_size']} process(es); "
-                       f"the schedule is this launch's {self.schedule_steps} steps)")
-            self._resume = ckpt, path
-            self.start = TrainState(step=step, micro=micro, extra=ckpt.get("extra", {}), wandb_id=ckpt.get("wandb_id"),
-                                    bad_steps=ckpt.get("bad_steps", 0), bad_in_row=ckpt.get("bad_in_row", 0))
-        self.stop_step = min([self.schedule_steps] + [k for k in limits if k])
-        return self.start
+        return found
+
+    def checked_start(self, ckpt: dict, path: str, order: DataOrder) -> TrainState:
+        """The state a resume file continues from. Everything that would make the resumed run
+        train something else stops it here, with what differs: another algorithm, other
+        arguments, another data file, another schedule, other trainable parameters."""
+        args = self.args
+        if ckpt.get("algorithm") != self.algorithm:
+            raise UserError(f"{path} was written by {ckpt.get('algorithm')}, not {self.algorithm}; "
+                            f"use another --save_weight or --checkpoint_dir")
+        check_resume_args(upgraded_resume_args(ckpt["args"], self.resume_args()), self.resume_args(), path)
+        if ckpt.get("data_examples", order.n) != order.n:
+            raise UserError(f"{path} was written for {ckpt['data_examples']} examples in {args.data_path}, "
+                            f"which now has {order.n}; resume with the data it was trained on, "
+                            f"or --from_resume 0 to start over")
+        same_world = ckpt["world_size"] == self.dist.world_size
+        saved_schedule = ckpt.get("schedule_steps")
+        if saved_schedule is None:
+            print0(f"resume: {path} records no schedule length: the schedule spans every epoch as when it "
+                   f"was written, and --max_steps only stops the run")
+            self.schedule_steps = order.total_steps
+        elif same_world and saved_schedule != self.schedule_steps:
+            raise UserError(f"{path} was written for a learning-rate schedule of {saved_schedule} steps, these "
+                            f"flags give {self.schedule_steps} (--max_steps {args.max_steps}, --epochs "
+                            f"{args.epochs}); resume with the --max_steps and --epochs it started with (stop "
+                            f"early with --stop_after_steps K), or --from_resume 0 to start over")
+        check_trainable_state(self.base_model, ckpt["model"], path)
+        step, micro = ckpt["step"], ckpt["micro"]
+        if not same_world:
+            step, micro = rescaled_position(micro, ckpt["world_size"], self.dist.world_size, order.micro_per_step)
+            samples = ckpt["micro"] * args.batch_size * ckpt["world_size"]
+            print0(f"resume: world size {ckpt['world_size']} -> {self.dist.world_size}: step {ckpt['step']} -> "
+                   f"{step} (the same {samples} examples seen; the data order and sampling RNG continue per "
+                   f"rank, so the run is not bit-identical to one that kept {ckpt['world_size']} process(es); "
+                   f"the schedule is this launch's {self.schedule_steps} steps)")
+        return TrainState(step=step, micro=micro, extra=ckpt.get("extra", {}), wandb_id=ckpt.get("wandb_id"),
+                          bad_steps=ckpt.get("bad_steps", 0), bad_in_row=ckpt.get("bad_in_row", 0))
 
     def resume_or_start(self, optimizer, order: DataOrder) -> TrainState:
         """The state to start from: check_resume's, with the resume file's weights, optimizer
