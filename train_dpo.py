@@ -18,8 +18,9 @@ the sum, so beta must be about that much larger: the default beta is 5 with mean
 The policy is the start weights plus LoRA adapters; the reference is the same weights with the
 adapters off (``--ref_model copy`` keeps a separate frozen copy instead). A pair's prompt runs
 once and its chosen and rejected responses continue from it together; only response tokens
-count. With ``--precompute_ref 1`` (the default when --epochs > 1) the reference log-probs are
-computed once before training.
+count. With ``--precompute_ref 1`` (the default when --epochs > 1) the reference log-probs of
+the pairs the run will use are computed once before training, after every check (flags, data,
+weights, resume file) has passed.
 """
 from __future__ import annotations
 
@@ -142,11 +143,15 @@ class OveroptimisationWatch:
 
 
 @torch.no_grad()
-def precompute_reference(run: Run, items: list, batch_size: int, reduce: str) -> torch.Tensor:
-    """(N, 2) reference log-probs (chosen, rejected) of every pair, on CPU.
+def precompute_reference(run: Run, items: list, batch_size: int, reduce: str,
+                         used: set[int] | None = None) -> torch.Tensor:
+    """(N, 2) reference log-probs (chosen, rejected) of every pair, or of the pairs in ``used``
+    (the rows of the others may stay 0), on CPU.
 
     Each rank scores its share of the pairs (sorted by length, so batches carry little padding)
-    and the shares are gathered, so every rank ends with the whole table.
+    and the shares are gathered, so every rank ends with the whole table. The batches are cut
+    from the whole sorted share and only those holding a used pair run, so each pair gets the
+    value (the same padding) it gets when every pair is scored.
     """
     rank, world = run.dist.rank, run.dist.world_size
     mine = sorted(range(rank, len(items), world), key=lambda i: len(items[i][0]) + max(len(items[i][1]), len(items[i][2])))
@@ -155,6 +160,8 @@ def precompute_reference(run: Run, items: list, batch_size: int, reduce: str) ->
     with run.reference_model() as ref:
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
+            if used is not None and used.isdisjoint(idx):
+                continue
             batch = to_device(collate_pair_groups([items[i] for i in idx], pad), run.device)
             with run.autocast():
                 chosen, rejected = pair_logprobs(ref, batch, reduce)
@@ -175,10 +182,12 @@ def build(args) -> Job:
     items, _ = tokenize_pairs(pairs, run.tokenizer, args.max_seq_len, args.data_path)
     order = DataOrder(len(items), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,
                       what="pairs")
+    start = run.check_resume(order)           # a bad resume file stops the run here, not after the precompute
     ref_table = None
-    if args.precompute_ref:
-        ref_table = precompute_reference(run, items, 2 * args.batch_size, args.logp_reduce)
-        print0(f"reference log-probs of {len(items)} pairs computed once")
+    if args.precompute_ref:                   # only the pairs this launch reads, up to the step it stops at
+        used = order.used(start.micro, run.stop_step * order.micro_per_step)
+        ref_table = precompute_reference(run, items, 2 * args.batch_size, args.logp_reduce, used)
+        print0(f"reference log-probs computed once, for the {len(used)} of {len(items)} pairs the run uses")
     pad = run.tokenizer.pad_token_id
     watch = OveroptimisationWatch()
 

@@ -324,7 +324,8 @@ def resume_round_trip(ctx: Context) -> dict:
     if not resume_files:
         raise RuntimeError(f"train_dpo.py saved no resume file (exit {code}); log: {log_tail(log)}")
     saved = load_latest_resume(os.path.join(out, resume_files[0]), say=lambda *_: None)[0]["step"]
-    printed = run_script("train_dpo", argv + ["--from_resume", "1", "--max_steps", str(saved + 2)], log)
+    printed = run_script("train_dpo", argv + ["--max_steps", "100000", "--from_resume", "1",
+                                              "--stop_after_steps", str(saved + 2)], log)
     found = re.search(r"resumed from .* at step (\d+)/", printed)
     resumed_at = int(found.group(1)) if found else None
     next_step = metrics_lines(out)[-2]["step"] if len(metrics_lines(out)) >= 2 else None

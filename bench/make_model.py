@@ -66,7 +66,8 @@ def main(argv=None):
         import tempfile
         import train_sft
         with tempfile.TemporaryDirectory() as tmp:
-            args = train_sft.parse_args(["--from_weight", out, "--max_steps", str(a.sft_steps), "--learning_rate", "1e-3",
+            args = train_sft.parse_args(["--from_weight", out, "--stop_after_steps", str(a.sft_steps),
+                                         "--learning_rate", "1e-3",
                                          "--save_dir", tmp, "--save_weight", "sft", "--checkpoint_dir", tmp,
                                          "--seed", str(a.seed), "--log_interval", "20"])
             trained = train_sft.main(args)

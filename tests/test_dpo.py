@@ -87,10 +87,10 @@ def test_tiny_run_saves_lora_only_adapter_and_metrics(tmp_path, small_pairs, sav
 def test_resume_equals_uninterrupted(tmp_path, small_pairs, save_dir, extra):
     common = ["--learning_rate", "1e-2", *extra]
     straight = main(args_for(tmp_path / "a", small_pairs, save_dir, *common, "--max_steps", "5"))
-    main(args_for(tmp_path / "b", small_pairs, save_dir, *common, "--max_steps", "2"))
+    main(args_for(tmp_path / "b", small_pairs, save_dir, *common, "--max_steps", "5", "--stop_after_steps", "2"))
     resumed = main(args_for(tmp_path / "b", small_pairs, save_dir, *common, "--max_steps", "5", "--from_resume", "1"))
     assert max_diff(adapter(straight), adapter(resumed)) <= 1e-6
-    early = main(args_for(tmp_path / "c", small_pairs, save_dir, *common, "--max_steps", "2"))
+    early = main(args_for(tmp_path / "c", small_pairs, save_dir, *common, "--max_steps", "5", "--stop_after_steps", "2"))
     assert max_diff(adapter(straight), adapter(early)) > 1e-4  # the last three steps did move the weights
     assert [r["step"] for r in rows(resumed + "_metrics.jsonl")] == [1, 2, 3, 4, 5]
 
@@ -140,6 +140,46 @@ def test_precomputed_reference_equals_live(tmp_path, small_pairs, save_dir):
     torch.testing.assert_close(table[idx], torch.stack(live, -1), atol=1e-5, rtol=0)
 
 
+def test_precompute_of_the_used_pairs_only_gives_the_same_values(tmp_path, small_pairs, save_dir, monkeypatch):
+    import train_dpo
+    args, run = make_run(tmp_path, small_pairs, save_dir)
+    items, _ = encode_pairs(load_pairs(small_pairs), run.tokenizer, 256)
+    full = precompute_reference(run, items, 5, "mean")
+    used = {3, 17, 41}
+    part = precompute_reference(run, items, 5, "mean", used)
+    assert torch.equal(part[sorted(used)], full[sorted(used)])          # the same batches, so bit for bit
+    assert 3 <= int((part[:, 0] != 0).sum()) <= 15                       # at most 3 batches of 5 ran
+    calls = []
+    monkeypatch.setattr(train_dpo, "precompute_reference",
+                        lambda *a: calls.append(a[-1]) or precompute_reference(*a))
+    main(args_for(tmp_path / "smoke", small_pairs, save_dir, "--epochs", "20", "--max_steps", "2"))
+    assert [len(u) for u in calls] == [8]                                # 2 steps x 4 pairs of 48
+
+
+@pytest.mark.parametrize("bad", ["unreadable", "other_args", "other_schedule"])
+def test_a_bad_resume_file_stops_a_20_epoch_run_before_the_precompute(tmp_path, small_pairs, save_dir, monkeypatch,
+                                                                       bad):
+    """The seed's --epochs 20 on the shipped 4000 pairs, with a resume file it cannot use:
+    the run stops on it at once; the reference precompute (minutes there) never starts."""
+    import time
+    import train_dpo
+    resume = tmp_path / "ck" / "dpo_32_resume.pth"
+    if bad == "unreadable":
+        resume.parent.mkdir()
+        resume.write_bytes(b"not a resume file")
+    else:   # a short run of other data (another --data_path), or of the same with another length
+        data = small_pairs if bad == "other_args" else "dataset/dpo.jsonl"
+        main(args_for(tmp_path, data, save_dir, "--max_steps", "1"))
+    calls = []
+    monkeypatch.setattr(train_dpo, "precompute_reference", lambda *a: calls.append(1))
+    match = {"unreadable": "cannot read resume file", "other_args": r"other arguments \(--data_path",
+             "other_schedule": "learning-rate schedule of 1 steps, these flags give 20000"}[bad]
+    start = time.time()
+    with pytest.raises(UserError, match=match):
+        main(args_for(tmp_path, "dataset/dpo.jsonl", save_dir, "--epochs", "20", "--from_resume", "1"))
+    assert calls == [] and time.time() - start < 30
+
+
 def test_from_weight_adapter_is_merged_and_is_the_reference(tmp_path, small_pairs, save_dir):
     out = main(args_for(tmp_path, small_pairs, save_dir, "--from_weight", "lora_identity", "--save_dir", save_dir,
                         "--save_weight", "dpo_on_identity", "--max_steps", "1"))
@@ -154,7 +194,7 @@ def test_from_weight_adapter_is_merged_and_is_the_reference(tmp_path, small_pair
 
 
 def test_seed_command_line_runs_as_written(tmp_path, save_dir):
-    """The chapter's command, with only the device, the sizes and a step limit changed; its
+    """The chapter's command, with only the device, the sizes and an early stop added; its
     --data_path ../dataset/dpo.jsonl (MiniMind's trainer/ layout) finds the project's file."""
     d = tmp_path / "save"
     shutil.copytree(save_dir, d)
@@ -162,12 +202,13 @@ def test_seed_command_line_runs_as_written(tmp_path, save_dir):
            "--batch_size", "16", "--learning_rate", "1e-4", "--accumulation_steps", "8", "--log_interval", "10",
            "--save_interval", "100", "--data_path", "../dataset/dpo.jsonl", "--num_hidden_layers", "2",
            "--use_wandb", "--from_resume", "1", "--from_weight", "lora_identity",
-           "--save_dir", str(d), "--checkpoint_dir", str(tmp_path / "ck"), "--max_steps", "2"]
+           "--save_dir", str(d), "--checkpoint_dir", str(tmp_path / "ck"), "--stop_after_steps", "2"]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no resume file" in proc.stdout and "using" in proc.stdout and "dataset/dpo.jsonl" in proc.stdout
-    assert "reference log-probs of 4000 pairs computed once" in proc.stdout  # 20 epochs: precomputed
+    # 20 epochs: precomputed, for the 2 steps x 8 micro-batches x 16 pairs that run
+    assert "reference log-probs computed once, for the 256 of 4000 pairs the run uses" in proc.stdout
     assert os.path.isfile(d / "dpo_32" / "adapter_model.safetensors")
     assert [r["step"] for r in rows(d / "dpo_32_metrics.jsonl")] == [2]
     assert list((d / "wandb").glob("offline-run-*"))

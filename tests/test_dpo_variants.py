@@ -101,7 +101,7 @@ def test_rpo_alpha_is_exact_under_accumulation(tmp_path, small_pairs, save_dir):
 def test_resume_equals_uninterrupted(tmp_path, small_pairs, save_dir, extra):
     common = ["--learning_rate", "1e-2", *extra]
     straight = main(args_for(tmp_path / "a", small_pairs, save_dir, *common, "--max_steps", "4"))
-    main(args_for(tmp_path / "b", small_pairs, save_dir, *common, "--max_steps", "2"))
+    main(args_for(tmp_path / "b", small_pairs, save_dir, *common, "--max_steps", "4", "--stop_after_steps", "2"))
     resumed = main(args_for(tmp_path / "b", small_pairs, save_dir, *common, "--max_steps", "4", "--from_resume", "1"))
     assert max_diff(adapter(straight), adapter(resumed)) <= 1e-6
     assert [r["step"] for r in rows(resumed + "_metrics.jsonl")] == [1, 2, 3, 4]

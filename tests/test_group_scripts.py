@@ -58,12 +58,13 @@ def test_tiny_run_logs_every_metric_and_saves_lora_only(tmp_path, prompts, tiny_
 def test_resume_equals_uninterrupted(tmp_path, prompts, tiny_dir, script, extra):
     common = ["--learning_rate", "1e-2", *extra]
     straight = script.main(args_for(script, tmp_path / "a", prompts, tiny_dir, *common, "--max_steps", "4"))
-    script.main(args_for(script, tmp_path / "b", prompts, tiny_dir, *common, "--max_steps", "2"))
+    script.main(args_for(script, tmp_path / "b", prompts, tiny_dir, *common, "--max_steps", "4", "--stop_after_steps", "2"))
     resumed = script.main(args_for(script, tmp_path / "b", prompts, tiny_dir, *common, "--max_steps", "4",
                                    "--from_resume", "1"))
     a, b = adapter(straight), adapter(resumed)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
-    early = adapter(script.main(args_for(script, tmp_path / "c", prompts, tiny_dir, *common, "--max_steps", "2")))
+    early = adapter(script.main(args_for(script, tmp_path / "c", prompts, tiny_dir, *common, "--max_steps", "4",
+                                         "--stop_after_steps", "2")))
     assert max(float((a[k] - early[k]).abs().max()) for k in a) > 1e-5     # steps 3-4 moved the weights
     ra, rb = rows(straight + "_metrics.jsonl"), rows(resumed + "_metrics.jsonl")
     assert [r["reward"] for r in ra] == pytest.approx([r["reward"] for r in rb], abs=1e-6)  # same samples

@@ -104,14 +104,14 @@ def test_resume_equals_uninterrupted_with_the_critic_and_both_optimizers(tmp_pat
               "--reward_funcs", "tests.helpers.toy_rewards:char_count"]
     files = ("adapter_model.safetensors", HEAD_FILE)
     straight = train_ppo.main(args_for(tmp_path / "a", prompts, tiny_dir, *common, "--max_steps", "4"))
-    train_ppo.main(args_for(tmp_path / "b", prompts, tiny_dir, *common, "--max_steps", "2"))
+    train_ppo.main(args_for(tmp_path / "b", prompts, tiny_dir, *common, "--max_steps", "4", "--stop_after_steps", "2"))
     ckpt = load_resume(str(tmp_path / "b" / "ck" / "ppo_actor_32_resume.pth"))
     assert set(ckpt["optimizers"]) == {"policy", "critic"}
     assert all(ckpt["optimizers"][k]["state"] for k in ("policy", "critic"))
     resumed = train_ppo.main(args_for(tmp_path / "b", prompts, tiny_dir, *common, "--max_steps", "4", "--from_resume", "1"))
     assert max_diff(tensors(straight), tensors(resumed)) <= 1e-6
     assert max_diff(tensors(critic_dir(straight), *files), tensors(critic_dir(resumed), *files)) <= 1e-6
-    early = train_ppo.main(args_for(tmp_path / "c", prompts, tiny_dir, *common, "--max_steps", "2"))
+    early = train_ppo.main(args_for(tmp_path / "c", prompts, tiny_dir, *common, "--max_steps", "4", "--stop_after_steps", "2"))
     assert max_diff(tensors(straight), tensors(early)) > 1e-5                      # steps 3-4 moved the policy
     assert max_diff(tensors(critic_dir(straight), *files), tensors(critic_dir(early), *files)) > 1e-5  # and the critic
     ra, rb = rows(straight + "_metrics.jsonl"), rows(resumed + "_metrics.jsonl")

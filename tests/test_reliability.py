@@ -146,10 +146,10 @@ def test_kill_9_from_outside_at_a_random_moment(tmp_path, data, tiny_dir):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL, proc.stderr.read()[-2000:]
     n = resume_step(cut, "dpo") + 3
-    train_dpo.main(train_dpo.parse_args(endless + ["--from_resume", "1", "--max_steps", str(n)]))
+    train_dpo.main(train_dpo.parse_args(endless + ["--from_resume", "1", "--stop_after_steps", str(n)]))
     straight = tmp_path / "straight"
     train_dpo.main(train_dpo.parse_args(cli_args("dpo", straight, data, tiny_dir, "--epochs", "1000",
-                                                 "--max_steps", str(n))))
+                                                 "--stop_after_steps", str(n))))
     assert max_diff(weights(straight, "dpo"), weights(cut, "dpo")) <= 1e-6, f"(seed {seed})"
     assert [row["step"] for row in rows(cut, "dpo")] == list(range(1, n + 1))
 
@@ -187,7 +187,7 @@ def test_a_full_disk_keeps_the_last_good_save_and_says_so(tmp_path, data, tiny_d
 
 def test_keep_checkpoints_keeps_the_newest_and_resume_falls_back_to_them(tmp_path, data, tiny_dir, capsys):
     cut = tmp_path / "cut"
-    run_here("dpo", cut, data, tiny_dir, "--save_interval", "1", "--keep_checkpoints", "3", "--max_steps", "5")
+    run_here("dpo", cut, data, tiny_dir, "--save_interval", "1", "--keep_checkpoints", "3", "--stop_after_steps", "5")
     resume = cut / "ck" / "dpo_32_resume.pth"
     kept = kept_resume_files(str(resume))
     assert [s for s, _ in kept] == [5, 4, 3]
@@ -243,10 +243,10 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, data, t
     monkeypatch.setattr(Run, "backward",
                         lambda self, loss: backward(self, loss * float("nan") if len(done) + 1 in nan_steps else loss))
 
-    run_here("dpo", tmp_path / "two", data, tiny_dir, "--max_steps", "2")
+    run_here("dpo", tmp_path / "two", data, tiny_dir, "--stop_after_steps", "2")
     done.clear()
     nan_steps.add(3)            # a bad batch at step 3: skipped (weights as after step 2), counted, the run goes on
-    run_here("dpo", tmp_path / "one_bad", data, tiny_dir, "--max_steps", "3")
+    run_here("dpo", tmp_path / "one_bad", data, tiny_dir, "--stop_after_steps", "3")
     assert max_diff(weights(tmp_path / "two", "dpo"), weights(tmp_path / "one_bad", "dpo")) == 0
     assert "step 3: non-finite loss or gradients, update skipped (1 in a row, 1 in all" in capsys.readouterr().out
     assert [row["skipped_steps"] for row in rows(tmp_path / "one_bad", "dpo")] == [0, 0, 1]
@@ -275,11 +275,11 @@ def test_world_size_two_to_one_to_two_and_two_machines(tmp_path, data, tiny_dir,
     """1 process for 2 steps, then two torchrun launches (one per "machine", --nnodes 2 on
     loopback) resume it together, then 1 process again finishes it."""
     base = cli_args("dpo", tmp_path, data, tiny_dir, "--batch_size", "2", "--save_interval", "100")
-    train_dpo.main(train_dpo.parse_args(base + ["--max_steps", "2"]))
+    train_dpo.main(train_dpo.parse_args(base + ["--stop_after_steps", "2"]))
     port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
                                "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               "train_dpo.py", *base, "--from_resume", "1", "--max_steps", "3"],
+                               "train_dpo.py", *base, "--from_resume", "1", "--stop_after_steps", "3"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
     outs = [p.communicate(timeout=300) for p in nodes]
     for p, (out, err) in zip(nodes, outs):

@@ -49,11 +49,12 @@ def test_tiny_run_saves_adapter_and_head_and_scores(tmp_path, small_pairs, tiny_
 def test_resume_equals_uninterrupted(tmp_path, small_pairs, tiny_dir):
     common = ["--learning_rate", "1e-2", "--accumulation_steps", "2", "--center_rewards", "0.01"]
     straight = main(args_for(tmp_path / "a", small_pairs, tiny_dir, *common, "--max_steps", "5"))
-    main(args_for(tmp_path / "b", small_pairs, tiny_dir, *common, "--max_steps", "2"))
+    main(args_for(tmp_path / "b", small_pairs, tiny_dir, *common, "--max_steps", "5", "--stop_after_steps", "2"))
     resumed = main(args_for(tmp_path / "b", small_pairs, tiny_dir, *common, "--max_steps", "5", "--from_resume", "1"))
     a, b = saved(straight), saved(resumed)
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
-    early = saved(main(args_for(tmp_path / "c", small_pairs, tiny_dir, *common, "--max_steps", "2")))
+    early = saved(main(args_for(tmp_path / "c", small_pairs, tiny_dir, *common, "--max_steps", "5",
+                                "--stop_after_steps", "2")))
     assert max(float((a[k] - early[k]).abs().max()) for k in a) > 1e-4
 
 

@@ -1,5 +1,6 @@
 """train_sft.py end to end: a tiny run, exact resume, bad input through the real CLI."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,12 +45,12 @@ def test_resume_equals_uninterrupted(tmp_path, small_sft, tiny_dir, mode):
         ["--use_lora", "1", "--from_weight", os.path.join(tiny_dir, "full_sft_32")]
     common = [*size, "--accumulation_steps", "2", "--learning_rate", "1e-2"]
     straight = main(args_for(tmp_path / "a", small_sft, *common, "--max_steps", "5"))
-    main(args_for(tmp_path / "b", small_sft, *common, "--max_steps", "2"))
+    main(args_for(tmp_path / "b", small_sft, *common, "--max_steps", "5", "--stop_after_steps", "2"))
     resumed = main(args_for(tmp_path / "b", small_sft, *common, "--max_steps", "5", "--from_resume", "1"))
     wa, wb = weights(straight), weights(resumed)
     assert wa.keys() == wb.keys()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
-    start = main(args_for(tmp_path / "c", small_sft, *common, "--max_steps", "1"))
+    start = main(args_for(tmp_path / "c", small_sft, *common, "--max_steps", "5", "--stop_after_steps", "1"))
     assert max(float((wa[k] - weights(start)[k]).abs().max()) for k in wa) > 1e-4  # training moved the weights
     steps = [json.loads(l)["step"] for l in open(resumed + "_metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5]  # the metrics file continues without gaps or repeats
@@ -60,6 +61,44 @@ def test_resume_file_from_other_args_is_refused(tmp_path, small_sft):
     main(args_for(tmp_path, small_sft, *base))
     with pytest.raises(UserError, match="other arguments .*--learning_rate"):
         main(args_for(tmp_path, small_sft, *base, "--from_resume", "1", "--learning_rate", "0.5"))
+
+
+def logged(tmp, key):
+    return [json.loads(l)[key] for l in open(tmp / "out" / "full_sft_32_metrics.jsonl")]
+
+
+def test_max_steps_sets_the_schedule_and_stop_after_steps_keeps_it(tmp_path, small_sft):
+    """lr of step k of N = peak (0.1 + 0.45 (1 + cos(pi (k - 1) / (N - 1)))): the peak at step 1,
+    0.55 peak at step 13 of 25 (cos(pi / 2) = 0) and 0.1 peak, the end value, at step 25."""
+    tiny = ["--hidden_size", "32", "--num_hidden_layers", "2", "--epochs", "3", "--learning_rate", "1e-3"]
+    main(args_for(tmp_path / "a", small_sft, *tiny, "--max_steps", "25"))       # 36 steps in 3 epochs
+    lrs = logged(tmp_path / "a", "lr")
+    assert len(lrs) == 25
+    assert (lrs[0], lrs[12], lrs[24]) == pytest.approx((1e-3, 0.55e-3, 0.1e-3), rel=1e-12)
+    main(args_for(tmp_path / "b", small_sft, *tiny, "--max_steps", "25", "--stop_after_steps", "10"))
+    assert logged(tmp_path / "b", "lr") == lrs[:10]
+    ckpt = torch.load(tmp_path / "b" / "ck" / "full_sft_32_resume.pth", weights_only=True)
+    assert (ckpt["step"], ckpt["schedule_steps"]) == (10, 25)
+    with pytest.raises(UserError, match=r"schedule of 25 steps, these flags give 30 \(--max_steps 30, --epochs 3\); "
+                                        r"resume with the --max_steps and --epochs it started with"):
+        main(args_for(tmp_path / "b", small_sft, *tiny, "--max_steps", "30", "--from_resume", "1"))
+    main(args_for(tmp_path / "b", small_sft, *tiny, "--max_steps", "25", "--from_resume", "1"))
+    assert logged(tmp_path / "b", "lr") == lrs
+
+
+def test_an_older_resume_file_keeps_its_schedule_over_every_epoch(tmp_path, small_sft, capsys):
+    """A file written before schedule_steps: the schedule spans the 12 steps of the epoch, as
+    it did, and --max_steps only stops the run."""
+    tiny = ["--hidden_size", "32", "--num_hidden_layers", "2", "--learning_rate", "1e-3"]
+    main(args_for(tmp_path, small_sft, *tiny, "--stop_after_steps", "2"))
+    path = tmp_path / "ck" / "full_sft_32_resume.pth"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["schedule_steps"]
+    torch.save(ckpt, path)
+    main(args_for(tmp_path, small_sft, *tiny, "--from_resume", "1", "--max_steps", "4"))
+    assert "records no schedule length" in capsys.readouterr().out
+    lrs = logged(tmp_path, "lr")
+    assert len(lrs) == 4 and lrs[3] == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 3 / 11))), rel=1e-12)
 
 
 def test_resume_without_file_starts_fresh(tmp_path, small_sft, capsys):
@@ -115,7 +154,7 @@ def test_sigterm_saves_then_exits_and_resume_continues(tmp_path, small_sft):
     ckpt = torch.load(tmp_path / "ck" / "full_sft_32_resume.pth", weights_only=True)
     done = ckpt["step"]
     assert done >= 3 and os.path.isfile(tmp_path / "out" / "full_sft_32" / "model.safetensors")
-    resumed = subprocess.run(args + ["--from_resume", "1", "--max_steps", str(done + 2)],
+    resumed = subprocess.run(args + ["--from_resume", "1", "--stop_after_steps", str(done + 2)],
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]

@@ -51,7 +51,7 @@ def test_evaluation_trains_identically_keeps_the_best_and_resumes_exactly(tmp_pa
     evaluated = ["--eval_data", files["heldout_rl"], "--eval_interval", "2", "--eval_samples", "2", "--save_best", "1",
                  "--eval_max_new_tokens", "8"]
     plain = gpo(tmp_path / "a", files, tiny_dir, "--max_steps", "3")
-    gpo(tmp_path / "b", files, tiny_dir, "--max_steps", "2", *evaluated)
+    gpo(tmp_path / "b", files, tiny_dir, "--max_steps", "3", "--stop_after_steps", "2", *evaluated)
     resumed = gpo(tmp_path / "b", files, tiny_dir, "--max_steps", "3", "--from_resume", "1", *evaluated)
     a, b = adapter(plain), adapter(resumed)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0           # evaluation changed no training

@@ -49,6 +49,14 @@ def test_data_order_is_seeded_and_splits_ranks():
         DataOrder(100, 64, 1, 1, seed=0, dist_info=DistInfo(0, 0, 2))
 
 
+def test_used_is_what_the_micro_batches_read_on_every_rank():
+    ranks = [DataOrder(103, 4, 3, 1, seed=5, dist_info=DistInfo(r, r, 2)) for r in (0, 1)]
+    read = lambda start, stop: {i for o in ranks for m in range(start, stop) for i in o.batch(m)}
+    assert ranks[0].used(3, 5) == ranks[1].used(3, 5) == read(3, 5) and len(read(3, 5)) == 16   # 2 x 2 ranks x 4
+    assert ranks[0].used(10, 14) == read(10, 14)                     # across the end of epoch 1 (12 per epoch)
+    assert ranks[0].used(0, 0) == set() and len(ranks[0].used(0, 36)) == 103   # with this seed, 3 epochs reach all
+
+
 def test_rng_round_trip():
     state = capture_rng()
     x = (torch.rand(3), __import__("random").random())

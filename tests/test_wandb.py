@@ -15,7 +15,7 @@ RL_METRICS = ("loss", "lr", "grad_norm", "tokens_per_sec", "reward", "reward_std
 
 def train(script, tmp_path, data, tiny_dir, steps, *extra, env=None):
     cmd = [sys.executable, script, "--data_path", data, "--from_weight", os.path.join(tiny_dir, "full_sft_32"),
-           "--batch_size", "4", "--device", "cpu", "--log_interval", "1", "--max_steps", str(steps), "--use_wandb",
+           "--batch_size", "4", "--device", "cpu", "--log_interval", "1", "--stop_after_steps", str(steps), "--use_wandb",
            "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ck"), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

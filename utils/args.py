@@ -85,7 +85,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
                    help="micro-batches per optimizer step (default: %(default)s)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping, 0 to turn off (default: %(default)s)")
     g.add_argument("--max_steps", type=int, default=0,
-                   help="stop after this many optimizer steps, saving as at the end; 0: run all epochs")
+                   help="the run's length in optimizer steps (at most what --epochs give): the cosine learning "
+                        "rate ends there, as in TRL; 0: every epoch (default: %(default)s)")
+    g.add_argument("--stop_after_steps", type=int, default=0,
+                   help="stop after this optimizer step, saving as at the end, with the schedule unchanged, so "
+                        "--from_resume 1 continues the same run; 0: no early stop (default: %(default)s)")
     g.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
     g.add_argument("--max_bad_steps", type=int, default=10,
                    help="a step whose loss or gradients are not finite is skipped; after this many in a row the "

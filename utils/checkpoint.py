@@ -2,7 +2,7 @@
 
 ``{checkpoint_dir}/{save_weight}_{hidden_size}[_moe]_resume.pth`` holds the trainable weights
 in fp32, optimizer, grad scaler, every RNG state, epoch, step, data position, world size, the
-wandb run id and the args. It holds only tensors, numbers, strings, lists and dicts, so it is
+learning-rate schedule's length, the wandb run id and the args. It holds only tensors, numbers, strings, lists and dicts, so it is
 read back with ``torch.load(weights_only=True)``. A write goes to a temp file that is renamed
 over the old one only once complete: a crash mid-write leaves the previous file valid.
 
@@ -27,9 +27,10 @@ from utils.errors import UserError
 from utils.files import atomic_file
 
 # Args that may change between a run and its resume without changing what is trained.
+# --max_steps and --epochs set the schedule's length, which the file records and checks itself.
 RESUME_FREE_ARGS = {"from_resume", "device", "log_interval", "save_interval", "use_wandb", "wandb_project",
-                    "num_workers", "max_steps", "epochs", "checkpoint_dir", "save_dir", "keep_checkpoints",
-                    "max_bad_steps", "merge_for_sampling",
+                    "num_workers", "max_steps", "stop_after_steps", "epochs", "checkpoint_dir", "save_dir",
+                    "keep_checkpoints", "max_bad_steps", "merge_for_sampling",
                     # evaluation reads the weights and draws from its own generator: it changes no training
                     "eval_data", "eval_interval", "eval_samples", "eval_max_new_tokens", "save_best", "best_metric"}
 
@@ -68,12 +69,19 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", torch.float32).clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state(model, state: dict[str, torch.Tensor], path: str) -> None:
+def check_trainable_state(model, state: dict[str, torch.Tensor], path: str) -> dict[str, torch.nn.Parameter]:
+    """The model's trainable parameters by name; stops when ``state`` does not hold exactly
+    those names and shapes."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     problem = key_mismatch(state, params)
     if problem:
         raise UserError(f"{path} does not match this model's trainable parameters ({problem}); "
                         f"it was saved by another configuration")
+    return params
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor], path: str) -> None:
+    params = check_trainable_state(model, state, path)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state[n].to(p.device, p.dtype))

@@ -334,6 +334,7 @@ def start_rl_run(args, algorithm: str, prompts: list[dict], wrap=None):
     run = Run(args, algorithm, reference="shared" if args.use_lora else "copy", wrap=wrap)
     prompt_ids = encode_prompts(run.tokenizer, prompts, args.max_seq_len - args.max_gen_len)
     order = DataOrder(len(prompts), args.batch_size, args.epochs, 1, args.seed, run.dist, what="prompts")
+    run.check_resume(order)       # a bad resume file stops the run before the sampler and rewards are set up
     engine = HFRolloutEngine(run.lm, run.tokenizer, args.max_gen_len,
                              args.temperature, args.top_p, args.top_k, autocast=run.autocast,
                              merge=bool(args.merge_for_sampling))

@@ -9,8 +9,9 @@ A supervised script (SFT, DPO, reward model) reads:
     train(run, order, micro_step, desc="dpo")               # the loop below
 
 ``train`` does the rest: --from_resume 1, gradient accumulation (DDP syncs only on the last
-micro-batch), cosine learning rate, clipping, logging (metrics averaged over the log window
-and over ranks), saving every --save_interval, at the end and on SIGTERM/SIGINT.
+micro-batch), cosine learning rate (ending at --max_steps), --stop_after_steps, clipping,
+logging (metrics averaged over the log window and over ranks), saving every --save_interval,
+at the end and on SIGTERM/SIGINT.
 """
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ from model.lora import adapters_disabled, trainable_parameters
 from model.minimind import RouterLogits, moe_aux_loss
 from model.value_head import HEAD_FILE, ActorCritic, ValueHeadModel
 from utils.args import find_data_file
-from utils.checkpoint import (capture_rng, check_resume_args, load_latest_resume, load_trainable_state,
-                              other_size_resume_files, restore_rng, resume_path, save_resume, trainable_state,
-                              upgraded_resume_args)
+from utils.checkpoint import (capture_rng, check_resume_args, check_trainable_state, load_latest_resume,
+                              load_trainable_state, other_size_resume_files, restore_rng, resume_path, save_resume,
+                              trainable_state, upgraded_resume_args)
 from utils.errors import RunHalted, UserError
 from utils.evaluation import TrainingEval, eval_arg_problems
 from utils.logging import RunLogger
@@ -55,8 +56,9 @@ def validate_common_args(args) -> None:
             problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.learning_rate <= 0:
         problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
-    if args.max_steps < 0:
-        problems.append(f"--max_steps must be 0 (no limit) or positive (got {args.max_steps})")
+    for name in ("max_steps", "stop_after_steps"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name} must be 0 (no limit) or positive (got {getattr(args, name)})")
     if args.use_lora and (args.lora_rank < 1 or args.lora_alpha <= 0):
         problems.append("--lora_rank must be at least 1 and --lora_alpha positive")
     if args.grad_clip < 0:
@@ -90,14 +92,29 @@ class DataOrder:
                             f"micro-batches of the whole run; lower it")
         self._perm_epoch, self._perm = None, None
 
-    def batch(self, micro: int) -> list[int]:
-        """Dataset indices of global micro-batch ``micro`` on this rank."""
-        epoch, b = divmod(micro, self.batches_per_epoch)
+    def _epoch_perm(self, epoch: int) -> list[int]:
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
-        per_rank = self._perm[self.rank:: self.world]
+        return self._perm
+
+    def batch(self, micro: int) -> list[int]:
+        """Dataset indices of global micro-batch ``micro`` on this rank."""
+        epoch, b = divmod(micro, self.batches_per_epoch)
+        per_rank = self._epoch_perm(epoch)[self.rank:: self.world]
         return per_rank[b * self.batch_size: (b + 1) * self.batch_size]
+
+    def used(self, start_micro: int, stop_micro: int) -> set[int]:
+        """Dataset indices that micro-batches ``start_micro`` to ``stop_micro - 1`` read on any rank.
+        Micro-batch b of an epoch on rank r is perm[r::world][b*bs:(b+1)*bs], so on all ranks
+        together it is perm[b*bs*world:(b+1)*bs*world]."""
+        span, used = self.batch_size * self.world, set()
+        for micro in range(start_micro, stop_micro):
+            if len(used) == self.n:
+                break
+            epoch, b = divmod(micro, self.batches_per_epoch)
+            used.update(self._epoch_perm(epoch)[b * span: (b + 1) * span])
+        return used
 
     def epoch_of(self, micro: int) -> int:
         return micro // self.batches_per_epoch
@@ -187,6 +204,7 @@ class Run:
         self._losses_finite = None    # whether every loss since the last optimizer step was finite
         self.saved_step = None        # the step of the last good save (or of the resume file)
         self.data_examples = None
+        self.start, self._resume = None, None   # set by check_resume
         self.stem = weight_name(args.save_weight, self.lm_config.hidden_size, self.lm_config.use_moe)
         self.weights_dir = os.path.join(args.save_dir, self.stem)
         self.metrics_path = os.path.join(args.save_dir, self.stem + "_metrics.jsonl")
@@ -290,14 +308,27 @@ class Run:
     def resume_args(self) -> dict:
         return {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool, type(None)))}
 
-    def resume_or_start(self, optimizer, order: DataOrder) -> TrainState:
-        """The state to start from: the resume file's with --from_resume 1 (if there is one), else
-        fresh. optimizer: one optimizer, or {name: optimizer} (PPO's policy and critic).
-        Everything that would make the resumed run train something else stops it here, with
-        what differs: another algorithm, other arguments, another model size, another data file."""
+    def check_resume(self, order: DataOrder) -> TrainState:
+        """Read and check the resume file (with --from_resume 1) and fix the run's length; returns
+        the state the run will start from. Cheap, so a script calls it before any expensive
+        set-up (DPO's reference precompute); resume_or_start calls it when the script did not.
+        Sets ``schedule_steps`` (where the learning-rate schedule ends: --max_steps, else every
+        epoch) and ``stop_step`` (where this launch stops: --stop_after_steps, else there)."""
+        args = self.args
         self.data_examples = order.n
-        if not self.args.from_resume:
-            return TrainState()
+        self.schedule_steps = min(order.total_steps, args.max_steps) if args.max_steps else order.total_steps
+        self._resume, self.start = None, TrainState()
+        stops = [args.stop_after_steps]
+        found = self.find_resume() if args.from_resume else None
+        if found is not None:
+            self.start, self._resume = self.checked_start(*found, order), found
+            if "schedule_steps" not in found[0]:   # written when --max_steps only stopped a run: it still does
+                stops.append(args.max_steps)
+        self.stop_step = min([self.schedule_steps] + [k for k in stops if k])
+        return self.start
+
+    def find_resume(self) -> tuple[dict, str] | None:
+        """(state, file) of the resume file to continue from, or None (a fresh start, said so)."""
         found = load_latest_resume(self.resume_file, say=print0)
         if found is None:
             others = other_size_resume_files(self.args.checkpoint_dir, self.args.save_weight, self.resume_file)
@@ -308,16 +339,53 @@ class Run:
                                 f"saved for another size; pass the sizes it was trained with to resume it, "
                                 f"or --from_resume 0 to start a new run")
             print0(f"--from_resume 1: no resume file at {self.resume_file}, starting fresh")
-            return TrainState()
-        ckpt, path = found
+        return found
+
+    def checked_start(self, ckpt: dict, path: str, order: DataOrder) -> TrainState:
+        """The state a resume file continues from. Everything that would make the resumed run
+        train something else stops it here, with what differs: another algorithm, other
+        arguments, another data file, another schedule, other trainable parameters."""
+        args = self.args
         if ckpt.get("algorithm") != self.algorithm:
             raise UserError(f"{path} was written by {ckpt.get('algorithm')}, not {self.algorithm}; "
                             f"use another --save_weight or --checkpoint_dir")
         check_resume_args(upgraded_resume_args(ckpt["args"], self.resume_args()), self.resume_args(), path)
         if ckpt.get("data_examples", order.n) != order.n:
-            raise UserError(f"{path} was written for {ckpt['data_examples']} examples in {self.args.data_path}, "
+            raise UserError(f"{path} was written for {ckpt['data_examples']} examples in {args.data_path}, "
                             f"which now has {order.n}; resume with the data it was trained on, "
                             f"or --from_resume 0 to start over")
+        same_world = ckpt["world_size"] == self.dist.world_size
+        saved_schedule = ckpt.get("schedule_steps")
+        if saved_schedule is None:
+            print0(f"resume: {path} records no schedule length: the schedule spans every epoch as when it "
+                   f"was written, and --max_steps only stops the run")
+            self.schedule_steps = order.total_steps
+        elif same_world and saved_schedule != self.schedule_steps:
+            raise UserError(f"{path} was written for a learning-rate schedule of {saved_schedule} steps, these "
+                            f"flags give {self.schedule_steps} (--max_steps {args.max_steps}, --epochs "
+                            f"{args.epochs}); resume with the --max_steps and --epochs it started with (stop "
+                            f"early with --stop_after_steps K), or --from_resume 0 to start over")
+        check_trainable_state(self.base_model, ckpt["model"], path)
+        step, micro = ckpt["step"], ckpt["micro"]
+        if not same_world:
+            step, micro = rescaled_position(micro, ckpt["world_size"], self.dist.world_size, order.micro_per_step)
+            samples = ckpt["micro"] * args.batch_size * ckpt["world_size"]
+            print0(f"resume: world size {ckpt['world_size']} -> {self.dist.world_size}: step {ckpt['step']} -> "
+                   f"{step} (the same {samples} examples seen; the data order and sampling RNG continue per "
+                   f"rank, so the run is not bit-identical to one that kept {ckpt['world_size']} process(es); "
+                   f"the schedule is this launch's {self.schedule_steps} steps)")
+        return TrainState(step=step, micro=micro, extra=ckpt.get("extra", {}), wandb_id=ckpt.get("wandb_id"),
+                          bad_steps=ckpt.get("bad_steps", 0), bad_in_row=ckpt.get("bad_in_row", 0))
+
+    def resume_or_start(self, optimizer, order: DataOrder) -> TrainState:
+        """The state to start from: check_resume's, with the resume file's weights, optimizer
+        state(s), grad scaler and RNG loaded when there is one. optimizer: one optimizer, or
+        {name: optimizer} (PPO's policy and critic)."""
+        if self.start is None:
+            self.check_resume(order)
+        if self._resume is None:
+            return self.start
+        (ckpt, path), self._resume = self._resume, None
         load_trainable_state(self.base_model, ckpt["model"], path)
         optimizers, saved = named_optimizers(optimizer), ckpt["optimizers"]
         if set(saved) != set(optimizers):
@@ -326,19 +394,11 @@ class Run:
         for name, opt in optimizers.items():
             opt.load_state_dict(saved[name])
         self.scaler.load_state_dict(ckpt["scaler"])
-        step, micro = ckpt["step"], ckpt["micro"]
-        if ckpt["world_size"] != self.dist.world_size:
-            step, micro = rescaled_position(micro, ckpt["world_size"], self.dist.world_size, order.micro_per_step)
-            samples = ckpt["micro"] * self.args.batch_size * ckpt["world_size"]
-            print0(f"resume: world size {ckpt['world_size']} -> {self.dist.world_size}: step {ckpt['step']} -> {step} "
-                   f"(the same {samples} examples seen; the data order and sampling RNG continue per rank, so the "
-                   f"run is not bit-identical to one that kept {ckpt['world_size']} process(es))")
         rng = ckpt["rng"]
         restore_rng(rng[self.dist.rank] if isinstance(rng, list) and self.dist.rank < len(rng) else rng[0])
-        self.saved_step = step
-        print0(f"resumed from {path} at step {step}/{order.total_steps}")
-        return TrainState(step=step, micro=micro, extra=ckpt.get("extra", {}), wandb_id=ckpt.get("wandb_id"),
-                          bad_steps=ckpt.get("bad_steps", 0), bad_in_row=ckpt.get("bad_in_row", 0))
+        self.saved_step = self.start.step
+        print0(f"resumed from {path} at step {self.start.step}/{self.schedule_steps}")
+        return self.start
 
     def save(self, state: TrainState, optimizer, extra_meta: dict | None = None) -> None:
         """Weights to ``{save_dir}/{stem}/`` and the resume file, both atomically, rank 0 only.
@@ -367,6 +427,7 @@ class Run:
                 "optimizers": {name: opt.state_dict() for name, opt in named_optimizers(optimizer).items()},
                 "scaler": self.scaler.state_dict(), "rng": rngs,
                 "step": state.step, "micro": state.micro, "world_size": self.dist.world_size,
+                "schedule_steps": self.schedule_steps,
                 "wandb_id": state.wandb_id, "args": self.resume_args(), "extra": state.extra,
                 "data_examples": self.data_examples, "bad_steps": state.bad_steps, "bad_in_row": state.bad_in_row,
             }, keep=self.args.keep_checkpoints)
@@ -538,14 +599,13 @@ def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, ext
     set on ``optimizer``): its forwards, backwards and optimizer update(s), advancing
     ``state.micro`` by the data batches it used. Around it: --from_resume 1, the cosine
     schedule, logging (metrics averaged over the log window and over ranks), saving every
-    --save_interval steps, at the end and on SIGTERM/SIGINT. The schedule spans every epoch;
-    --max_steps only stops early, so a run stopped there and resumed later follows the same
-    curve as one that never stopped.
+    --save_interval steps, at the end and on SIGTERM/SIGINT. The schedule ends at --max_steps
+    (else after every epoch), as in TRL; --stop_after_steps stops earlier without changing it,
+    so a run stopped there and resumed later follows the same curve as one that never stopped.
     """
     args = run.args
-    total_steps = order.total_steps
-    stop_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     state = run.resume_or_start(optimizer, order)
+    schedule_steps, stop_step = run.schedule_steps, run.stop_step
     logger = RunLogger(enabled=run.is_main, total_steps=stop_step, start_step=state.step,
                        log_interval=args.log_interval, metrics_path=run.metrics_path, use_wandb=args.use_wandb,
                        wandb_project=args.wandb_project, run_name=run.stem, config=vars(args),
@@ -563,7 +623,8 @@ def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, ext
             lrs = {}
             for name, opt in named_optimizers(optimizer).items():
                 for group in opt.param_groups:
-                    group["lr"] = cosine_lr(state.step, total_steps, group.get("peak_lr", args.learning_rate))
+                    # the first step at the peak, the last (step schedule_steps) at the schedule's end value
+                    group["lr"] = cosine_lr(state.step, schedule_steps - 1, group.get("peak_lr", args.learning_rate))
                 lrs[f"{name}_lr" if lrs else "lr"] = opt.param_groups[0]["lr"]
             lr = lrs["lr"]
             skipped_before = run.skipped_updates
@@ -607,7 +668,7 @@ def run_steps(run: Run, order: DataOrder, optimizer, one_step, *, desc: str, ext
             raise RunHalted(f"stopped at step {state.step}: {state.bad_in_row} steps in a row had a non-finite loss or "
                             f"gradients (skipped, so the weights stay finite; saved to {run.weights_dir}); "
                             f"lower --learning_rate or check the data (on a GPU, --dtype float32 may help)")
-        print0(f"{'stopped by a signal' if stopped else 'done'} at step {state.step}/{total_steps}; "
+        print0(f"{'stopped by a signal' if stopped else 'done'} at step {state.step}/{schedule_steps}; "
                f"weights in {run.weights_dir}, resume file {run.resume_file}")
         finished = True
     finally:
