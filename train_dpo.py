@@ -14,6 +14,8 @@ Loss (DESIGN section 6): h = (l_pol(y+) - l_pol(y-)) - (l_ref(y+) - l_ref(y-)),
 Unlike the paper, l(y) is by default the mean log-prob per response token, as in the seed
 (``--logp_reduce sum`` gives the paper's sum). A per-token mean is about |y| times smaller than
 the sum, so beta must be about that much larger: the default beta is 5 with mean, 0.1 with sum.
+A --beta under 0.5 with no --logp_reduce (MiniMind's 0.15, TRL's 0.1) is read as a beta of sums;
+with an explicit --logp_reduce mean it stops with the two fixes (sigmoid, hinge, robust).
 
 The policy is the start weights plus LoRA adapters; the reference is the same weights with the
 adapters off (``--ref_model copy`` keeps a separate frozen copy instead). A pair's prompt runs
@@ -38,6 +40,11 @@ from utils.train import DataOrder, Job, Run, supervised_job, validate_common_arg
 
 DEFAULT_BETA = {"mean": 5.0, "sum": 0.1}
 SIMPO_BETA = 2.0   # the SimPO paper's range is 2 to 2.5 on per-token mean log-probs
+# The losses whose beta scales a difference of log-ratios: with per-token means (about |y| times
+# smaller than sums) a beta below this keeps beta h near 0 and the loss pinned at log 2.
+# ipo and apo_zero have their own ranges.
+SCALED_BETA_LOSS_TYPES = ("sigmoid", "hinge", "robust")
+MIN_MEAN_BETA = 0.5
 
 
 def parse_args(argv=None):
@@ -48,8 +55,10 @@ def parse_args(argv=None):
     g = parser.add_argument_group("DPO")
     g.add_argument("--beta", type=float, default=None,
                    help="strength of the pull towards the reference (default: 5 with --logp_reduce mean, 0.1 with sum)")
-    g.add_argument("--logp_reduce", choices=["mean", "sum"], default="mean",
-                   help="sequence log-prob: mean per response token (the seed) or sum (the paper) (default: %(default)s)")
+    g.add_argument("--logp_reduce", choices=["mean", "sum"], default=None,
+                   help="sequence log-prob: mean per response token (the seed) or sum (the paper, MiniMind's code, "
+                        f"TRL) (default: mean; sum when --beta is given under {MIN_MEAN_BETA} for sigmoid, hinge or "
+                        "robust, the scale such a beta is meant for)")
     g.add_argument("--loss_type", choices=DPO_LOSS_TYPES + REFERENCE_FREE_LOSS_TYPES, default="sigmoid",
                    help="sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), apo_zero (APO-zero), or simpo (SimPO: "
                         "no reference model; rewards/* are then beta times the policy's own per-token mean "
@@ -68,6 +77,8 @@ def parse_args(argv=None):
                    help="1: reference log-probs computed once before training (default: 1 when --epochs > 1)")
     args = parser.parse_args(argv)
     reference_free = args.loss_type in REFERENCE_FREE_LOSS_TYPES
+    if args.logp_reduce is None:
+        args.logp_reduce = "sum" if summed_beta(args) else "mean"
     if args.beta is None:
         args.beta = SIMPO_BETA if reference_free else DEFAULT_BETA[args.logp_reduce]
     if args.ref_model is None and not reference_free:
@@ -77,8 +88,23 @@ def parse_args(argv=None):
     return args
 
 
+def summed_beta(args) -> bool:
+    """A --beta small enough to be meant for summed log-probs (MiniMind's 0.15, TRL's 0.1), given
+    with no --logp_reduce: it is read as such and said so."""
+    if args.beta is None or args.beta >= MIN_MEAN_BETA or args.loss_type not in SCALED_BETA_LOSS_TYPES:
+        return False
+    print0(f"--beta {args.beta:g} with no --logp_reduce: read as a beta of summed log-probs (MiniMind's and TRL's "
+           f"DPO), so --logp_reduce sum; with --logp_reduce mean give a beta about |y| times larger (default 5)")
+    return True
+
+
 def validate_dpo_args(args) -> None:
     problems = []
+    if args.loss_type in SCALED_BETA_LOSS_TYPES and args.logp_reduce == "mean" and 0 < args.beta < MIN_MEAN_BETA:
+        problems.append(f"--beta {args.beta:g} with --logp_reduce mean: per-token mean log-probs are about |y| times "
+                        f"smaller than the sums such a beta is meant for, so beta times the log-ratio difference stays "
+                        f"near 0 and the loss at log 2; give a larger --beta (about |y| times yours; 5 is the default "
+                        f"with mean) or --logp_reduce sum")
     if args.beta <= 0:
         problems.append(f"--beta must be positive (got {args.beta})")
     if not 0 <= args.label_smoothing < 0.5:

@@ -28,6 +28,7 @@ from utils.args import add_common_args, add_reward_args, add_rollout_args
 from utils.errors import UserError, run_cli
 from utils.logprobs import masked_reduce
 from utils.rewards import rewards_from_args
+from utils.runtime import print0
 from utils.rl import add_group_args, check_rl_args, make_group_step, reward_samples, start_group_run
 from utils.train import Job
 
@@ -51,6 +52,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def method_line(self_reward_weight: float) -> str:
+    """What a run with an external reward does, and how to get MiniMind's train_grpo.py."""
+    if self_reward_weight == 0:
+        return ("train_grpo.py with --self_reward_weight 0: the external reward alone with group advantages, "
+                "MiniMind's (and DeepSeekMath's) GRPO; train_gpo.py is the same method with more options")
+    return (f"train_grpo.py: the chapter's reward-free GRPO (each sample rewarded by its own log-prob, weight "
+            f"{self_reward_weight:g}) plus the external reward; for MiniMind's train_grpo.py (the reward alone, group "
+            f"advantages, CISPO) run train_gpo.py --loss_type cispo, or add --self_reward_weight 0 here")
+
+
 def build(args) -> Job:
     """Everything up to the first step: checks, prompts, rewards, model, sampler (see utils.train.Job)."""
     check_rl_args(args)                       # bad flags and bad data stop the run before any model is built
@@ -58,6 +69,8 @@ def build(args) -> Job:
     external = rewards_from_args(args, device=args.device) if (args.reward_funcs or args.reward_model) else None
     if external is None and args.self_reward_weight == 0:
         raise UserError("--self_reward_weight 0 with no --reward_funcs or --reward_model leaves no reward")
+    if external is not None:
+        print0(method_line(args.self_reward_weight))
     run, order, prompt_ids, engine, optimizer = start_group_run(args, "grpo", prompts)
     G = args.num_generations
 

@@ -168,9 +168,24 @@ def load_prompts(path: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- tokenizing
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the chat-rendered prompt, ending with the opening of an assistant turn."""
-    return text_ids(tokenizer, render_prompt(tokenizer, messages))
+def encode_prompt(tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
+    """Token ids of the chat-rendered prompt, ending with the opening of an assistant turn;
+    ``template_kwargs`` go to the chat template (e.g. ``enable_thinking=True``)."""
+    return text_ids(tokenizer, render_prompt(tokenizer, messages, **template_kwargs))
+
+
+THINKING_SWITCHES = ("enable_thinking", "open_thinking")   # Qwen3's and MiniMind's template variables
+
+
+def thinking_switch(tokenizer) -> str | None:
+    """The chat template's thinking switch: the first of THINKING_SWITCHES whose True and False
+    render a prompt differently; None when the template has none (it ignores both)."""
+    probe = [{"role": "user", "content": "hi"}]
+    for name in THINKING_SWITCHES:
+        on, off = (render_prompt(tokenizer, probe, **{name: value}) for value in (True, False))
+        if on != off:
+            return name
+    return None
 
 
 PROBE = "\u2063MINIALIGN\u2063"          # an assistant turn's content, to find what the template puts after it
@@ -210,9 +225,9 @@ def stop_ids(tokenizer, also=()) -> list[int]:
         i for i in (turn_end_id(tokenizer), tokenizer.eos_token_id, *also) if i is not None))
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> str:
+def render_prompt(tokenizer, messages: list[dict], **template_kwargs) -> str:
     """The chat-rendered prompt, ending with the opening of an assistant turn."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
 
 
 def text_ids(tokenizer, text: str) -> list[int]:

@@ -102,6 +102,24 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return T - 1 - attention_mask.flip(-1).long().argmax(-1)
 
 
+def read_config(path: str) -> dict:
+    """A model folder's config.json, {} when it has none."""
+    config_path = os.path.join(path, "config.json")
+    return json.load(open(config_path, encoding="utf-8")) if os.path.isfile(config_path) else {}
+
+
+def check_reward_folder(path: str, trust_remote_code: bool = False) -> None:
+    """Stop unless ``path`` is a folder, and, when it ships its own model code (config.json
+    auto_map or a .py file), unless --trust_remote_code 1 allows running that code."""
+    if not os.path.isdir(path):
+        raise UserError(f"--reward_model {path}: no such folder; give a folder written by train_reward.py "
+                        f"or a transformers sequence-classification model")
+    code = sorted(f for f in os.listdir(path) if f.endswith(".py"))
+    if (code or read_config(path).get("auto_map")) and not trust_remote_code:
+        raise UserError(f"--reward_model {path}: ships its own model code ({', '.join(code) or 'config.json auto_map'}) "
+                        f"that loading would run; if you trust it, add --trust_remote_code 1 (RL scripts)")
+
+
 def is_value_head_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, HEAD_FILE))
 
@@ -153,29 +171,40 @@ class RewardModel:
         return cls(model, tokenizer, "value_head", next(lm.parameters()).device, shared=True, **kw)
 
     @classmethod
-    def load(cls, path: str, device="cpu", save_dir: str = "out", **kw) -> "RewardModel":
+    def load(cls, path: str, device="cpu", save_dir: str = "out", trust_remote_code: bool = False,
+             **kw) -> "RewardModel":
         """A folder written by train_reward.py (adapter or full model, plus value_head.safetensors),
-        or a transformers sequence-classification model folder."""
+        or a transformers sequence-classification model folder. A folder that ships its own model
+        code (check_reward_folder) runs it only with ``trust_remote_code``; such a model without a
+        sequence-classification class but with ``get_score(tokenizer, messages)`` (InternLM2's
+        reward models, MiniMind's default) is scored through that."""
         from model.loading import init_model  # here: model.loading imports this package's config
-        if not os.path.isdir(path):
-            raise UserError(f"--reward_model {path}: no such folder; give a folder written by train_reward.py "
-                            f"or a transformers sequence-classification model")
+        check_reward_folder(path, trust_remote_code)
         if is_value_head_dir(path):
             lm, tokenizer = init_model(LMConfig(), path, device=device, save_dir=save_dir)
             model = ValueHeadModel(lm)
             model.load_head(path)
             return cls(model, tokenizer, "value_head", torch.device(device), **kw)
-        config_path = os.path.join(path, "config.json")
-        archs = json.load(open(config_path, encoding="utf-8")).get("architectures", []) if os.path.isfile(config_path) else []
-        if not any(a.endswith("ForSequenceClassification") for a in archs):
+        config = read_config(path)
+        archs = config.get("architectures") or []
+        classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+        by_score = not classifier and trust_remote_code and "AutoModel" in (config.get("auto_map") or {})
+        if not (classifier or by_score):
             raise UserError(f"--reward_model {path}: neither a train_reward.py folder ({HEAD_FILE} missing) nor a "
                             f"sequence-classification model (config.json architectures: {archs or 'none'})")
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        auto = AutoModel if by_score else AutoModelForSequenceClassification
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = auto.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                         trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         except Exception as e:
             raise UserError(f"--reward_model {path}: cannot load it ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})")
+        if by_score:
+            if not callable(getattr(model, "get_score", None)):
+                raise UserError(f"--reward_model {path}: its code ({type(model).__name__}) has no get_score(tokenizer, "
+                                f"messages) and it is not a sequence-classification model")
+            return cls(model.to(device), tokenizer, "get_score", torch.device(device), **kw)
         if model.config.num_labels != 1:
             raise UserError(f"--reward_model {path}: has {model.config.num_labels} labels; a reward model has one")
         if tokenizer.pad_token_id is None:
@@ -186,6 +215,9 @@ class RewardModel:
     @torch.no_grad()
     def score(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
         """(N,) rewards of the responses to the prompts (chat messages)."""
+        if self.kind == "get_score":
+            return torch.tensor([float(self.model.get_score(self.tokenizer, m + [{"role": "assistant", "content": t}]))
+                                 for m, t in zip(prompts, responses)])
         seqs = [encode_exchange(self.tokenizer, m, t)[-self.max_len:]
                 for m, t in zip(prompts, responses)]
         return self.score_batched(seqs)

@@ -10,6 +10,7 @@ import os
 
 from utils.runtime import default_device, print0
 
+SGLANG_FLAGS = ("sglang_base_url", "sglang_model_path", "sglang_shared_path")   # MiniMind's, refused
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -147,13 +148,26 @@ def add_rollout_args(parser: argparse.ArgumentParser, *, num_generations: int = 
     g.add_argument("--merge_for_sampling", type=int, choices=[0, 1], default=1,
                    help="1: sample with the LoRA adapters folded into a temporary copy of the adapted weights "
                         "(faster; that copy is held while sampling) (default: %(default)s)")
+    g.add_argument("--thinking_ratio", type=float, default=None,
+                   help="share of prompts rendered with the chat template's thinking switch on (enable_thinking, "
+                        "MiniMind's open_thinking), the rest with it off; drawn once per prompt from --seed. Does "
+                        "nothing with a template that has no such switch (default: the template's own default)")
+    g.add_argument("--rollout_engine", choices=["torch", "sglang"], default="torch",
+                   help="torch: sampling runs on the model's own forward in this process; sglang (MiniMind's "
+                        "server engine) is not supported (default: %(default)s)")
+    for name in SGLANG_FLAGS:
+        g.add_argument(f"--{name}", default=None, help="MiniMind's SGLang engine: not supported (refused)")
 
 
 def add_reward_args(parser: argparse.ArgumentParser, *, reward_funcs: str = "accuracy") -> None:
     """Reward flags of the RL scripts (see utils/rewards.py)."""
     g = parser.add_argument_group("rewards")
-    g.add_argument("--reward_model", default=None,
-                   help="a train_reward.py folder or a transformers sequence-classification model folder")
+    g.add_argument("--reward_model", "--reward_model_path", dest="reward_model", default=None,
+                   help="a train_reward.py folder or a transformers sequence-classification model folder "
+                        "(--reward_model_path: MiniMind's name for it)")
+    g.add_argument("--trust_remote_code", type=int, choices=[0, 1], default=0,
+                   help="1: a --reward_model folder that ships its own model code (config.json auto_map, .py "
+                        "files) may run it; only for folders you trust (default: 0, such a folder is refused)")
     g.add_argument("--reward_funcs", default=reward_funcs,
                    help="comma-separated: accuracy, format, length, repetition, or module:function "
                         "(default: %(default)s; '' for none)")
@@ -168,6 +182,15 @@ def add_reward_args(parser: argparse.ArgumentParser, *, reward_funcs: str = "acc
 def rollout_arg_problems(args) -> list[str]:
     """What is wrong with the sampling flags, as messages (empty when nothing is)."""
     problems = []
+    if args.rollout_engine != "torch":
+        problems.append(f"--rollout_engine {args.rollout_engine}: not supported here; sampling runs on the model's "
+                        f"own forward in this process: use --rollout_engine torch (the default)")
+    given = [f"--{name}" for name in SGLANG_FLAGS if getattr(args, name) is not None]
+    if given:
+        problems.append(f"{', '.join(given)}: MiniMind's SGLang engine is not supported here; drop the --sglang_* "
+                        f"flags (sampling uses --rollout_engine torch)")
+    if args.thinking_ratio is not None and not 0 <= args.thinking_ratio <= 1:
+        problems.append(f"--thinking_ratio must be in [0, 1] (got {args.thinking_ratio})")
     if args.num_generations < 1:
         problems.append(f"--num_generations must be at least 1 (got {args.num_generations})")
     if args.max_gen_len < 1:

@@ -115,6 +115,15 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1 - var_d / var_r) if var_r > 0 else 0.0
 
 
+def print_log_ratio(step: int, log_ratio: torch.Tensor, mask: torch.Tensor) -> None:
+    """--debug_log_ratio: how far the policy's log-probs (N, L) are from the old ones, on the mask."""
+    from utils.runtime import print0
+    lr = log_ratio[mask.bool()].float()
+    if lr.numel():
+        print0(f"[log_ratio] step {step}: max|log r| {lr.abs().max():.3e}, mean|log r| {lr.abs().mean():.3e}, "
+               f"ratio in [{lr.exp().min():.6f}, {lr.exp().max():.6f}]")
+
+
 # ----------------------------------------------------------------------------- set-up and one step
 def add_ppo_args(parser) -> None:
     """PPO's own flags (MiniMind's names where it has them)."""
@@ -145,6 +154,9 @@ def add_ppo_args(parser) -> None:
                    help="peak learning rate of the critic (default: --learning_rate)")
     g.add_argument("--missing_eos_penalty", type=float, default=0.0,
                    help="subtracted from the score of a response that never ends (default: 0, off)")
+    g.add_argument("--debug_log_ratio", action="store_true",
+                   help="print the log-ratio of the first mini-batch of each step's first pass (MiniMind's check "
+                        "that the ratio starts at 1; here it is exactly 1 by construction)")
     add_debug_args(g)
 
 
@@ -277,6 +289,8 @@ def make_ppo_step(run, order, prompts: list[dict], prompt_ids: list[list[int]], 
                         vf_loss, vclip = clipped_value_loss(values.float(), old_values[idx], returns[idx], m_idx,
                                                             args.cliprange_value, vf_norms[k])
                         run.backward(pg_loss + args.vf_coef * vf_loss)
+                    if args.debug_log_ratio and batches == 0 and k == 0:
+                        print_log_ratio(state.step + 1, logps.detach() - old_logps[idx], m_idx)
                     m.update(value_clip_ratio=vclip, approx_kl=approx_kl(logps, old_logps[idx], m_idx),
                              entropy=masked_mean(ent, m_idx))
                     for key, v in m.items():

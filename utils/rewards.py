@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import re
 
 import torch
@@ -175,9 +174,9 @@ def check_reward_flags(args) -> None:
     specs, weights = parse_reward_args(args.reward_funcs, args.reward_weights)
     if specs or weights is not None:          # imports each function, matches the weights to them
         RewardFunctions(specs, weights, answer_check=AnswerCheck(getattr(args, "answer_check", None)))
-    if args.reward_model and not os.path.isdir(args.reward_model):
-        raise UserError(f"--reward_model {args.reward_model}: no such folder; give a folder written by train_reward.py "
-                        f"or a transformers sequence-classification model")
+    if args.reward_model:
+        from model.value_head import check_reward_folder
+        check_reward_folder(args.reward_model, bool(args.trust_remote_code))
     if not specs and not args.reward_model:
         raise UserError("no reward: give --reward_funcs and/or --reward_model")
 
@@ -189,7 +188,8 @@ def rewards_from_args(args, device="cpu", reward_model=None) -> RewardFunctions:
     specs, weights = parse_reward_args(args.reward_funcs, args.reward_weights)
     if args.reward_model and reward_model is None:
         from model.value_head import RewardModel
-        reward_model = RewardModel.load(args.reward_model, device=device, save_dir=getattr(args, "save_dir", "out"))
+        reward_model = RewardModel.load(args.reward_model, device=device, save_dir=getattr(args, "save_dir", "out"),
+                                        trust_remote_code=bool(args.trust_remote_code))
     return RewardFunctions(specs, weights, clip=args.reward_clip or None, reward_model=reward_model,
                            reward_model_weight=args.reward_model_weight,
                            answer_check=AnswerCheck(getattr(args, "answer_check", None)))

@@ -283,6 +283,11 @@ def group_arg_problems(args) -> list[str]:
         problems.append(f"--num_generations must be at least 2 for group advantages (got {args.num_generations})")
     if not 0 < args.epsilon < 1 or (args.epsilon_high is not None and args.epsilon_high <= 0):
         problems.append("--epsilon must be in (0, 1) and --epsilon_high positive")
+    if args.loss_type != "cispo" and args.epsilon_high is not None and args.epsilon_high >= 2:
+        problems.append(f"--epsilon_high {args.epsilon_high} under --loss_type {args.loss_type} is the clip range above "
+                        f"1 (ratios clipped to [{1 - args.epsilon:g}, {1 + args.epsilon_high:g}], hardly a clip); "
+                        f"MiniMind's 5.0 is CISPO's cap of the ratio: add --loss_type cispo, or give a clip range "
+                        f"such as DAPO's 0.28")
     if args.beta < 0:
         problems.append(f"--beta must be 0 or positive (got {args.beta})")
     if args.ppo_epochs < 1:
@@ -321,7 +326,9 @@ def check_rl_args(args, algorithm_problems=group_arg_problems) -> None:
     validate_common_args(args)
     problems = rollout_arg_problems(args) + algorithm_problems(args) + update_arg_problems(args)
     if args.max_seq_len - args.max_gen_len < 1:
-        problems.append(f"--max_seq_len {args.max_seq_len} leaves no room for a prompt beside --max_gen_len {args.max_gen_len}")
+        problems.append(f"--max_seq_len {args.max_seq_len} leaves no room for a prompt beside --max_gen_len "
+                        f"{args.max_gen_len}: here it counts prompt + response (MiniMind's counts the prompt alone); "
+                        f"give --max_seq_len {args.max_seq_len + args.max_gen_len} for MiniMind's meaning")
     if problems:
         raise UserError("; ".join(problems))
 
@@ -332,7 +339,8 @@ def start_rl_run(args, algorithm: str, prompts: list[dict], wrap=None):
     from utils.rollout import HFRolloutEngine
     from utils.train import DataOrder, Run
     run = Run(args, algorithm, reference="shared" if args.use_lora else "copy", wrap=wrap)
-    prompt_ids = encode_prompts(run.tokenizer, prompts, args.max_seq_len - args.max_gen_len)
+    prompt_ids = encode_prompts(run.tokenizer, prompts, args.max_seq_len - args.max_gen_len, args.thinking_ratio,
+                                args.seed)
     order = DataOrder(len(prompts), args.batch_size, args.epochs, 1, args.seed, run.dist, what="prompts")
     run.check_resume(order)       # a bad resume file stops the run before the sampler and rewards are set up
     engine = HFRolloutEngine(run.lm, run.tokenizer, args.max_gen_len,
@@ -348,10 +356,26 @@ def start_group_run(args, algorithm: str, prompts: list[dict]):
     return run, order, prompt_ids, engine, optimizer
 
 
-def encode_prompts(tokenizer, prompts: list[dict], max_prompt_len: int) -> list[list[int]]:
-    """Token ids of each prompt, cut from the left to ``max_prompt_len``."""
-    from dataset.data import encode_prompt
-    return [encode_prompt(tokenizer, p["prompt"])[-max_prompt_len:] for p in prompts]
+def encode_prompts(tokenizer, prompts: list[dict], max_prompt_len: int, thinking_ratio: float | None = None,
+                   seed: int = 0) -> list[list[int]]:
+    """Token ids of each prompt, cut from the left to ``max_prompt_len``.
+
+    thinking_ratio p (--thinking_ratio): a share p of the prompts, drawn once from ``seed`` (so
+    a resumed run sees the same ones), is rendered with the template's thinking switch on and the
+    rest with it off, as MiniMind's RLAIF data does; a template without a switch says so once."""
+    from dataset.data import encode_prompt, thinking_switch
+    from utils.runtime import print0
+    switches = [{} for _ in prompts]
+    if thinking_ratio is not None:
+        name = thinking_switch(tokenizer)
+        if name is None:
+            print0(f"--thinking_ratio {thinking_ratio} does nothing: the chat template has no thinking switch "
+                   f"(enable_thinking / open_thinking)")
+        else:
+            on = (torch.rand(len(prompts), generator=torch.Generator().manual_seed(seed)) < thinking_ratio).tolist()
+            switches = [{name: value} for value in on]
+            print0(f"--thinking_ratio {thinking_ratio}: {sum(on)} of {len(prompts)} prompts with {name}=True")
+    return [encode_prompt(tokenizer, p["prompt"], **kw)[-max_prompt_len:] for p, kw in zip(prompts, switches)]
 
 
 def prompt_fields(rows: list[dict], G: int) -> dict[str, list]:
