@@ -1,7 +1,7 @@
 """Chat with a model, its answers streamed token by token: a base plus an optional adapter.
 
     python chat.py                                        # the shipped demo SFT model
-    python chat.py --lora_weight dpo                      # SFT + out/dpo_192 (any adapter name or folder)
+    python chat.py --lora_weight dpo                      # out/dpo_192 on the base it records (any adapter name or folder)
     python chat.py --from_weight out/dpo_merged           # a merged model folder (python -m model.export)
     python chat.py --lora_weight ppo_actor --prompt "What is 3 + 4?" --prompt "计算 2 + 5。"   # answer and exit
 
@@ -16,16 +16,16 @@ import sys
 import torch
 
 from dataset.data import encode_prompt, stop_ids
-from model.loading import load_for_inference
-from utils.args import add_model_args
+from model.loading import load_for_inference, model_name
+from utils.args import add_lora_weight_arg, add_model_args
 from utils.errors import UserError, run_cli
 from utils.runtime import default_device
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with a model (base + optional LoRA adapter), answers streamed.")
-    add_model_args(p, "full_sft", "model: a name, a path, or an adapter alone (merged into its base)")
-    p.add_argument("--lora_weight", default=None, help="adapter (name or folder) merged on top of --from_weight")
+    add_model_args(p, None, "model: a name, a path, or an adapter alone (merged into its base)")
+    add_lora_weight_arg(p)
     p.add_argument("--save_dir", default="out", help="where names are looked up first, then the shipped demo (default: %(default)s)")
     p.add_argument("--prompt", action="append", default=None,
                    help="answer this and exit (repeat for several turns of one conversation); default: interactive")
@@ -75,7 +75,7 @@ def main(args):
     torch.manual_seed(args.seed)
     model, tokenizer, _ = load_for_inference(args, device=args.device)
     chat = Chat(model, tokenizer, args)
-    name = args.from_weight + (f" + {args.lora_weight}" if args.lora_weight else "")
+    name = model_name(args)
     if args.prompt:
         answers = []
         for text in args.prompt:

@@ -1,7 +1,7 @@
 """Evaluate a model, with or without an adapter, on the held-out demo files.
 
     python eval_align.py                                  # the shipped demo SFT model
-    python eval_align.py --lora_weight dpo                # ... plus out/dpo_128/ merged in
+    python eval_align.py --lora_weight dpo                # out/dpo_128/ merged into the base it records
     python eval_align.py --from_weight out/merged --json  # any model folder, one JSON line
 
 Reports
@@ -12,8 +12,8 @@ Reports
   mean_len    mean length of the greedy responses in tokens (end token included)
 
 With --reward_model, also rm_pair_acc (held-out pairs the reward model ranks correctly) and,
-when there is a start model to compare with (--lora_weight given: --from_weight alone; or
---baseline), a head-to-head on the held-out pairs' prompts: the model's greedy answers (or
+when there is a start model to compare with (--lora_weight given: its base alone, --from_weight or
+the one it records; or --baseline), a head-to-head on the held-out pairs' prompts: the model's greedy answers (or
 --eval_samples k sampled ones) against the start model's, both scored by the reward model
   win_rate / tie_rate / loss_rate   a tie when the two rewards differ by less than --tie_margin
   reward, reward_start              mean reward of each side's answers
@@ -31,9 +31,9 @@ import torch
 
 from dataset.answers import AnswerCheck, import_function
 from dataset.data import encode_pairs, load_pairs, load_prompts
-from model.loading import load_for_inference
+from model.loading import load_for_inference, lora_base, model_name
 from model.value_head import RewardModel
-from utils.args import add_model_args, project_path
+from utils.args import add_lora_weight_arg, add_model_args, project_path
 from utils.errors import UserError, run_cli
 from utils.evaluation import (add_answer_check_arg, add_tie_margin_arg, answer_sums, generate_responses, pair_scores, pair_sums,
                               rates, win_sums)
@@ -42,8 +42,8 @@ from utils.runtime import default_device
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Held-out preference and answer accuracy of a model.")
-    add_model_args(p, "full_sft", "model: a name, a path, or none (the default is the shipped demo SFT)")
-    p.add_argument("--lora_weight", default=None, help="adapter (name or folder) merged on top of --from_weight")
+    add_model_args(p, None, "model: a name, a path, or none")
+    add_lora_weight_arg(p)
     p.add_argument("--save_dir", default="out", help="where names are looked up first, then the shipped demo (default: %(default)s)")
     p.add_argument("--data", default=project_path("dataset", "heldout_rl.jsonl"),
                    help="prompts with an \"answer\" field (default: the project's dataset/heldout_rl.jsonl)")
@@ -59,8 +59,8 @@ def parse_args(argv=None):
     add_answer_check_arg(p)
     g = p.add_argument_group("answers against the start model's (with --reward_model)")
     g.add_argument("--baseline", default=None,
-                   help="the start model whose answers the model's are compared with (default: --from_weight "
-                        "without --lora_weight, when --lora_weight is given; otherwise no comparison)")
+                   help="the start model whose answers the model's are compared with (default, when --lora_weight is "
+                        "given: its base without it, --from_weight or the base it records; otherwise no comparison)")
     add_tie_margin_arg(g)
     g.add_argument("--eval_samples", type=int, default=0,
                    help="k > 0: compare k sampled answers per prompt instead of the greedy one (default: 0)")
@@ -173,8 +173,8 @@ def main(args):
         raise UserError("; ".join(problems))
     model, tokenizer, _ = load_for_inference(args, device=args.device)
     result = evaluate(model, tokenizer, args, check)
-    result["model"] = args.from_weight + (f" + {args.lora_weight}" if args.lora_weight else "")
-    start_weight = args.baseline or (args.from_weight if args.lora_weight else None)
+    result["model"] = model_name(args)
+    start_weight = args.baseline or (lora_base(args) if args.lora_weight else None)
     if args.reward_model:
         rm = RewardModel.load(args.reward_model, device=args.device, save_dir=args.save_dir, batch_size=args.batch_size)
         result["rm_pair_acc"], _ = rm_pair_accuracy(rm, load_pairs(args.pairs), args.max_seq_len)

@@ -1,13 +1,14 @@
 """Merge an adapter into its base and write a full Hugging Face model folder.
 
-    python -m model.export --lora_weight dpo --out out/dpo_merged
+    python -m model.export --lora_weight dpo --out out/dpo_merged            # onto the base the adapter records
     python -m model.export --from_weight full_sft --lora_weight out/dpo_128 --out out/dpo_merged
     python -m model.export --from_weight lora_identity --out out/identity_merged   # an adapter alone:
                                                                                   # merged into its recorded base
     python -m model.export --from_weight dpo --format minimind --out ../minimind/out --name full_sft
                                                            # MiniMind's own .pth: out/full_sft_512[_moe].pth
 
-The folder (config.json, model.safetensors, tokenizer) loads with
+The folder (config.json, model.safetensors, and the tokenizer that goes with the weights: an
+adapter's own copy, else its base's; see model.loading.choose_tokenizer) loads with
 ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` as it is, and
 as ``--from_weight`` of every script here.
 """
@@ -21,7 +22,7 @@ import torch
 
 from model.config import weight_name
 from model.loading import load_for_inference
-from utils.args import add_model_args
+from utils.args import add_lora_weight_arg, add_model_args
 from utils.errors import UserError, run_cli
 from model.minimind import minimind_state_dict
 from utils.files import atomic_dir, write_tensor_files
@@ -29,8 +30,8 @@ from utils.files import atomic_dir, write_tensor_files
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base; write a Hugging Face model folder.")
-    add_model_args(p, "full_sft", "base model (name, path), or an adapter alone, merged into the base it records")
-    p.add_argument("--lora_weight", default=None, help="adapter (name or folder) merged on top of --from_weight")
+    add_model_args(p, None, "base model (name, path), or an adapter alone, merged into the base it records")
+    add_lora_weight_arg(p)
     p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite "
                                                 "(--format minimind: the folder the .pth goes in)")
     p.add_argument("--format", choices=["hf", "minimind"], default="hf",

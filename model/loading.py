@@ -16,6 +16,7 @@ stop with a UserError naming the file, the keys and the real size. Pickles are r
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -68,6 +69,70 @@ def has_tokenizer(folder: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES)
 
 
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([os.path.realpath(path), os.path.realpath(folder)]) == os.path.realpath(folder)
+
+
+def weights_tokenizer(src: WeightSource) -> tuple[str, str] | None:
+    """(folder, how) of the tokenizer that goes with the weights ``src`` names themselves, their
+    base aside; how is "own" (a model or adapter folder's own tokenizer files), "checkout" (a
+    bare file in a MiniMind checkout, ``<repo>/out/x.pth``: ``<repo>/model/``) or "shipped" (a
+    random init, or the shipped weights in model/demo). None: no tokenizer goes with them."""
+    if src.kind == "none":
+        return SHIPPED_TOKENIZER, "shipped"
+    if src.kind in ("hf", "adapter") and has_tokenizer(src.path):
+        return src.path, "own"
+    if src.kind == "file":
+        checkout_model = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(src.path))), "model")
+        if has_tokenizer(checkout_model):
+            return checkout_model, "checkout"
+    if _inside(src.path, SHIPPED_DIR):
+        return SHIPPED_TOKENIZER, "shipped"
+    return None
+
+
+def choose_tokenizer(found: tuple[str, str] | None, tokenizer_path: str | None, weights: str, rows: int):
+    """The tokenizer for weights with ``rows`` embedding rows (``weights`` names them in
+    messages): ``--tokenizer_path``, else the one ``found`` with them (``weights_tokenizer``,
+    walked down to an adapter's base), checked by ``check_vocab``. With neither, stop: training
+    with a tokenizer the weights were not trained with would run, and learn nothing useful."""
+    if tokenizer_path:
+        found = tokenizer_path, "given"
+    if found is None:
+        raise UserError(f"{weights}: no tokenizer goes with these weights ({rows}-token vocabulary; no tokenizer "
+                        f"files with them or in their MiniMind checkout's model/); pass --tokenizer_path with the "
+                        f"folder of the tokenizer they were trained with (e.g. MiniMind's model/)")
+    folder, how = found
+    tokenizer = load_tokenizer(folder)
+    check_vocab(tokenizer, rows, weights, folder, own=how == "own")
+    return tokenizer
+
+
+def shipped_rows() -> int:
+    """The most embedding rows the shipped tokenizer goes with: its size rounded up to a multiple
+    of 128, as a model padded for fast matrix products would have."""
+    return -(-len(_shipped_vocab()) // 128) * 128
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_vocab() -> dict:
+    return load_tokenizer(SHIPPED_TOKENIZER).get_vocab()
+
+
+def check_vocab(tokenizer, rows: int, weights: str, folder: str, own: bool = False) -> None:
+    """Refuse a tokenizer that cannot go with an embedding of ``rows`` rows: one with ids past the
+    embedding, or, unless it is the weights' ``own`` (a published model pads its embedding to a
+    multiple of 64 or 128, often by hundreds of rows), the shipped demo tokenizer with an
+    embedding far larger than it (over ``shipped_rows()``): the weights were trained with another."""
+    if len(tokenizer) > rows:
+        raise UserError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but {weights} has an embedding of "
+                        f"{rows} rows; pass --tokenizer_path of the tokenizer these weights were trained with")
+    if not own and rows > shipped_rows() and tokenizer.get_vocab() == _shipped_vocab():
+        raise UserError(f"{weights} has a {rows}-token vocabulary but the tokenizer in {folder} is the shipped "
+                        f"{len(tokenizer)}-token demo one; pass --tokenizer_path of the tokenizer these weights "
+                        f"were trained with, e.g. MiniMind's model/")
+
+
 # ----------------------------------------------------------------------------- resolution
 def _classify(path: str) -> WeightSource | None:
     if os.path.isdir(path):
@@ -97,9 +162,11 @@ def _candidate_stems(name: str, lm_config: LMConfig, folder: str) -> list[str]:
     return found
 
 
-def resolve_weight(from_weight: str, lm_config: LMConfig, save_dir: str = "out", flag: str = "--from_weight") -> WeightSource:
+def resolve_weight(from_weight: str, lm_config: LMConfig, save_dir: str = "out", flag: str = "--from_weight",
+                  beside: str | None = None) -> WeightSource:
     """Find what ``from_weight`` names (see the module doc), or raise listing every path tried
-    (the message names the command-line ``flag`` it came from)."""
+    (the message names the command-line ``flag`` it came from). beside: a folder a name is
+    looked up in before ``save_dir`` (a MiniMind LoRA file's own, for its base)."""
     if from_weight in (None, "", "none"):
         return WeightSource("none")
     direct = _classify(from_weight)
@@ -109,7 +176,7 @@ def resolve_weight(from_weight: str, lm_config: LMConfig, save_dir: str = "out",
         raise UserError(f"{flag} {from_weight}: not a model folder (config.json), an adapter folder "
                         f"(adapter_config.json) or a .safetensors/.pth weights file")
     tried = []
-    for folder in dict.fromkeys([save_dir, SHIPPED_DIR]):
+    for folder in dict.fromkeys(f for f in (beside, save_dir, SHIPPED_DIR) if f):
         stems = _candidate_stems(from_weight, lm_config, folder)
         if lm_config.hidden_size is None and len(stems) > 1:
             raise UserError(f"{flag} {from_weight}: several sizes in {folder} ({', '.join(stems)}); "
@@ -242,10 +309,10 @@ def _load_adapter(path: str, lm_config: LMConfig, save_dir: str, depth: int = 0)
         raise UserError(f"adapter {path}: its chain of recorded bases is more than 8 deep (a loop?); "
                         f"give the base as --from_weight and the adapter as --lora_weight")
     src = adapter_base(path, lm_config, save_dir)
-    model, real, tok_dir = _load_source(src, lm_config, save_dir, depth + 1)
+    model, real, tokenizer = _load_source(src, lm_config, save_dir, depth + 1)
     load_lora(model, path)
     merge_lora(model)
-    return model, real, tok_dir
+    return model, real, weights_tokenizer(WeightSource("adapter", path)) or tokenizer
 
 
 def adapter_base(path: str, lm_config: LMConfig, save_dir: str = "out") -> WeightSource:
@@ -274,27 +341,35 @@ def same_weights(a: WeightSource, b: WeightSource) -> bool:
 
 def _load_source(src: WeightSource, lm_config: LMConfig, save_dir: str, depth: int = 0,
                  base_weight: str = "full_sft"):
-    """(model, real LMConfig, folder holding its tokenizer or None). base_weight: the base a
-    MiniMind LoRA file (``lora_identity_512.pth``) is merged into."""
+    """(model, real LMConfig, (folder, how) of its tokenizer or None: see weights_tokenizer; an
+    adapter's or a MiniMind LoRA file's own first, then its base's). base_weight: the base a
+    MiniMind LoRA file (``lora_identity_512.pth``) is merged into, looked up beside it first."""
     if src.kind == "none":
         real = lm_config.filled()
-        return build_model(real), real, None
+        return build_model(real), real, weights_tokenizer(src)
     if src.kind == "file":
         sd = _read_state_dict(src.path)
         if is_minimind_lora(sd):
-            base = resolve_weight(base_weight, lm_config, save_dir, flag="--base_weight")
-            if base.kind == "file" and is_minimind_lora(_read_state_dict(base.path)):
-                raise UserError(f"--base_weight {base_weight} is a MiniMind LoRA file too ({base.path}); "
-                                f"give the full model it was trained on")
-            model, real, tok_dir = _load_source(base, lm_config, save_dir, depth + 1)
+            base = minimind_lora_base(src.path, base_weight, lm_config, save_dir)
+            model, real, tokenizer = _load_source(base, lm_config, save_dir, depth + 1)
             merge_minimind_lora(model, sd, src.path)
-            return model, real, tok_dir
+            return model, real, weights_tokenizer(src) or tokenizer
         model, real = _load_file(src.path, lm_config, sd)
-        return model, real, None
+        return model, real, weights_tokenizer(src)
     if src.kind == "hf":
         model, real = _load_hf(src.path, lm_config)
-        return model, real, src.path if has_tokenizer(src.path) else None
+        return model, real, weights_tokenizer(src)
     return _load_adapter(src.path, lm_config, save_dir, depth)
+
+
+def minimind_lora_base(path: str, base_weight: str, lm_config: LMConfig, save_dir: str) -> WeightSource:
+    """The base the MiniMind LoRA file ``path`` is merged into: ``--base_weight``, looked up
+    beside the file, then in ``save_dir`` and the shipped demo."""
+    base = resolve_weight(base_weight, lm_config, save_dir, flag="--base_weight", beside=os.path.dirname(path))
+    if base.kind == "file" and is_minimind_lora(_read_state_dict(base.path)):
+        raise UserError(f"--base_weight {base_weight} is a MiniMind LoRA file too ({base.path}); "
+                        f"give the full model it was trained on")
+    return base
 
 
 def set_stop_tokens(model, tokenizer, eos_token: str | None = None) -> list[int]:
@@ -317,31 +392,34 @@ def set_stop_tokens(model, tokenizer, eos_token: str | None = None) -> list[int]
 
 
 def init_model(lm_config: LMConfig, from_weight: str = "none", device="cpu", save_dir: str = "out",
-               tokenizer_path: str | None = None, eos_token: str | None = None, base_weight: str = "full_sft"):
+               tokenizer_path: str | None = None, eos_token: str | None = None, base_weight: str = "full_sft",
+               flag: str = "--from_weight", lora_weight: str | None = None):
     """Build the model ``from_weight`` names (see the module doc) and its tokenizer.
 
     lm_config: the sizes the user asked for; a None size means "the checkpoint's". It is
     completed in place with what was really loaded, so ``lm_config.hidden_size`` names the
     output files afterwards. The model comes back in fp32 on ``device``, in eval mode.
-    tokenizer_path: default the checkpoint folder's own tokenizer, else the shipped one.
-    eos_token: the token that ends an assistant turn (default: the chat template's own); see
-    ``set_stop_tokens``. base_weight: the base a MiniMind LoRA file is merged into.
+    tokenizer_path: default the one that goes with the weights (``choose_tokenizer``): their
+    folder's own, a MiniMind checkout's model/, an adapter's base's; the shipped one only for
+    the shipped weights and ``none``. eos_token: the token that ends an assistant turn
+    (default: the chat template's own); see ``set_stop_tokens``. base_weight: the base a
+    MiniMind LoRA file is merged into. flag: the flag ``from_weight`` came from, for messages.
+    lora_weight: an adapter (or MiniMind LoRA file) merged on top; its own tokenizer goes first.
     """
     device = check_device(str(device))
-    src = resolve_weight(from_weight, lm_config, save_dir)
-    tokenizer_hint = None
+    src = resolve_weight(from_weight, lm_config, save_dir, flag=flag)
     if src.kind == "none":
         tokenizer = load_tokenizer(tokenizer_path)
         lm_config.vocab_size = len(tokenizer)
         lm_config.pad_token_id, lm_config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         lm_config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    model, real, tokenizer_hint = _load_source(src, lm_config, save_dir, base_weight=base_weight)
-    if src.kind != "none":
-        tokenizer = load_tokenizer(tokenizer_path or tokenizer_hint)
-    vocab_rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > vocab_rows:
-        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but {from_weight} has an embedding of {vocab_rows} "
-                        f"rows; pass --tokenizer_path of the tokenizer these weights were trained with")
+    model, real, found = _load_source(src, lm_config, save_dir, base_weight=base_weight)
+    if lora_weight:
+        lora = add_lora_weight(model, lora_weight, real, save_dir)
+        found = weights_tokenizer(lora) or found
+    if src.kind != "none" or lora_weight:
+        where = from_weight if src.path in (None, from_weight) else f"{flag} {from_weight} ({src.path})"
+        tokenizer = choose_tokenizer(found, tokenizer_path, where, model.get_input_embeddings().weight.shape[0])
     for k, v in real.to_dict().items():
         setattr(lm_config, k, v)
     model.weight_source = src  # where the weights came from, recorded in saved adapters
@@ -367,29 +445,65 @@ def disable_dropout(model) -> int:
     return changed
 
 
-def add_lora_weight(model, lora_weight: str, lm_config: LMConfig, save_dir: str = "out"):
-    """Merge the adapter ``lora_weight`` (a path, or a name in ``save_dir`` / the shipped demo)
-    into ``model``, in place, whatever base it was trained on (a note is printed when that base
-    is not the model's)."""
+def resolve_lora_weight(lora_weight: str, lm_config: LMConfig, save_dir: str = "out") -> WeightSource:
+    """The adapter folder or MiniMind LoRA file ``--lora_weight`` names (see resolve_weight)."""
     src = resolve_weight(lora_weight, LMConfig(hidden_size=lm_config.hidden_size,
                                                num_hidden_layers=lm_config.num_hidden_layers,
                                                use_moe=lm_config.use_moe), save_dir, flag="--lora_weight")
-    if src.kind != "adapter":
-        raise UserError(f"--lora_weight {lora_weight}: {src.path} is not a LoRA adapter folder "
-                        f"(no adapter_config.json); give full weights as --from_weight instead")
-    load_lora(model, src.path)
-    return merge_lora(model)
+    if src.kind != "adapter" and not (src.kind == "file" and is_minimind_lora(_read_state_dict(src.path))):
+        raise UserError(f"--lora_weight {lora_weight}: {src.path} is not a LoRA adapter folder (no "
+                        f"adapter_config.json) or a MiniMind LoRA file; give full weights as --from_weight instead")
+    return src
+
+
+def add_lora_weight(model, lora_weight: str, lm_config: LMConfig, save_dir: str = "out") -> WeightSource:
+    """Merge the adapter ``lora_weight`` (a path, or a name in ``save_dir`` / the shipped demo;
+    an adapter folder or a MiniMind LoRA file) into ``model``, in place, whatever base it was
+    trained on. Returns where it was found."""
+    src = resolve_lora_weight(lora_weight, lm_config, save_dir)
+    if src.kind == "file":
+        merge_minimind_lora(model, _read_state_dict(src.path), src.path)
+    else:
+        load_lora(model, src.path)
+        merge_lora(model)
+    return src
+
+
+def lora_base(args) -> str:
+    """The base ``load_for_inference(args)`` merges ``--lora_weight`` into (a path, or ``none``):
+    ``--from_weight`` when given, else the base the adapter records (a MiniMind LoRA file:
+    ``--base_weight``). What eval_align compares an adapter's answers against."""
+    if args.from_weight is not None:
+        return args.from_weight
+    lm_config = LMConfig.from_args(args)
+    src = resolve_lora_weight(args.lora_weight, lm_config, args.save_dir)
+    if src.kind == "adapter":
+        base = adapter_base(src.path, lm_config, args.save_dir)
+    else:
+        base = minimind_lora_base(src.path, args.base_weight, lm_config, args.save_dir)
+    return base.path or "none"
+
+
+def model_name(args) -> str:
+    """How eval_align and chat name the model ``load_for_inference(args)`` loads."""
+    if args.from_weight is None and getattr(args, "lora_weight", None):
+        return f"{args.lora_weight} (on the base it records)"
+    return (args.from_weight or "full_sft") + (f" + {args.lora_weight}" if getattr(args, "lora_weight", None) else "")
 
 
 def load_for_inference(args, device="cpu"):
     """(model in eval mode, tokenizer, LMConfig) from --from_weight, --tokenizer_path, the size
     flags and --save_dir, with --lora_weight merged in when given: how eval_align, export and
-    chat load a model."""
+    chat load a model. Without --from_weight (None), --lora_weight alone is loaded: merged
+    into the base it recorded (a MiniMind LoRA file: into --base_weight), with its tokenizer;
+    with neither, full_sft. With both, the adapter's own tokenizer goes before the base's."""
     lm_config = LMConfig.from_args(args)
-    model, tokenizer = init_model(lm_config, args.from_weight, device=device, save_dir=args.save_dir,
-                                  tokenizer_path=args.tokenizer_path, eos_token=args.eos_token,
-                                  base_weight=args.base_weight)
-    if getattr(args, "lora_weight", None):
-        add_lora_weight(model, args.lora_weight, lm_config, args.save_dir)
+    lora_weight = getattr(args, "lora_weight", None)
+    if args.from_weight is None and lora_weight:
+        weights = dict(from_weight=lora_weight, flag="--lora_weight")
+    else:
+        weights = dict(from_weight=args.from_weight or "full_sft", lora_weight=lora_weight)
+    model, tokenizer = init_model(lm_config, device=device, save_dir=args.save_dir, tokenizer_path=args.tokenizer_path,
+                                  eos_token=args.eos_token, base_weight=args.base_weight, **weights)
     return model.eval(), tokenizer, lm_config
 

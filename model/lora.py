@@ -6,7 +6,8 @@ adapted model computes exactly what the base computes until it trains. Only para
 (``adapter_config.json`` + ``adapter_model.safetensors``, keys ``base_model.model.*``), so
 ``peft.PeftModel.from_pretrained(base, folder)`` loads them as they are. Next to them,
 ``minialign.json`` records where the base came from (so ``--from_weight <adapter>`` can
-rebuild it) and the model config.
+rebuild it) and the model config, and the tokenizer the adapter was trained with is saved
+beside them (as many published adapters do), so a moved adapter keeps it.
 """
 from __future__ import annotations
 
@@ -145,13 +146,14 @@ def lora_state_dict(model, adapter_name: str = "default") -> dict[str, torch.Ten
     return {PEFT_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
 
-def save_lora(model, out_dir: str, base: str | None = None, lm_config=None,
-              adapter_name: str = "default", extra: dict | None = None, extra_tensors: dict | None = None) -> None:
+def save_lora(model, out_dir: str, base: str | None = None, lm_config=None, adapter_name: str = "default",
+              extra: dict | None = None, extra_tensors: dict | None = None, tokenizer=None) -> None:
     """Write the adapter in PEFT format to ``out_dir`` (atomically: a temp folder, then rename).
 
     base: how the base model was given (``--from_weight``), recorded so the adapter can be
     merged into it later, with the path it resolved to (``model.weight_source``, set by
-    ``init_model``) relative to the adapter folder; lm_config: the base's LMConfig.
+    ``init_model``) relative to the adapter folder; lm_config: the base's LMConfig; tokenizer:
+    the one it was trained with, its files written into the folder.
     """
     source = getattr(model, "weight_source", None)
     base_path = os.path.relpath(os.path.abspath(source.path), os.path.abspath(out_dir)) if source and source.path else None
@@ -164,6 +166,8 @@ def save_lora(model, out_dir: str, base: str | None = None, lm_config=None,
         save_file(lora_state_dict(model, adapter_name), os.path.join(tmp, ADAPTER_WEIGHTS))
         config.save_pretrained(tmp)
         write_tensor_files(tmp, extra_tensors)  # e.g. a reward model's value_head.safetensors
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, ensure_ascii=False)
 

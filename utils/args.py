@@ -35,14 +35,19 @@ def find_data_file(path: str) -> str:
     return path
 
 
-def add_model_args(group, from_weight: str, from_weight_help: str) -> None:
-    """The flags that say which model to load: --from_weight, --tokenizer_path and the sizes."""
-    group.add_argument("--from_weight", default=from_weight, help=from_weight_help + " (default: %(default)s)")
+def add_model_args(group, from_weight: str | None, from_weight_help: str) -> None:
+    """The flags that say which model to load: --from_weight, --tokenizer_path and the sizes.
+    from_weight None (the scripts that take --lora_weight): the base --lora_weight recorded."""
+    default = " (default: the base --lora_weight records, else full_sft)" if from_weight is None else \
+        " (default: %(default)s)"
+    group.add_argument("--from_weight", default=from_weight, help=from_weight_help + default)
     group.add_argument("--base_weight", default="full_sft",
                        help="when --from_weight is a MiniMind LoRA file (lora_identity_512.pth): the base it is "
                             "merged into, as W + B A (default: %(default)s)")
     group.add_argument("--tokenizer_path", default=None,
-                       help="tokenizer folder (default: the checkpoint folder's own, else the shipped model/)")
+                       help="tokenizer folder (default: the one that goes with the weights: their folder's own, "
+                            "a MiniMind checkout's model/ for <repo>/out/x.pth, an adapter's base's; the shipped "
+                            "model/ only for the shipped weights and --from_weight none)")
     group.add_argument("--eos_token", default=None,
                        help="the token that ends an assistant turn, e.g. '<|im_end|>' (default: read off the chat "
                             "template; responses are trained to end with it and sampling stops at it, at the "
@@ -64,6 +69,14 @@ def add_model_args(group, from_weight: str, from_weight_help: str) -> None:
     group.add_argument("--aux_loss_coef", type=float, default=None,
                        help="MoE: coefficient of the router's load-balancing loss, added while the router trains "
                             "(default: MiniMind's 5e-4; 0 turns it off)")
+
+
+def add_lora_weight_arg(parser) -> None:
+    """--lora_weight of the scripts that load a model to use it (eval_align, chat, export)."""
+    parser.add_argument("--lora_weight", default=None,
+                        help="adapter (name, folder, or MiniMind LoRA file) merged on top of --from_weight; without "
+                             "--from_weight, onto the base it records (a MiniMind LoRA file: --base_weight, looked "
+                             "up beside it first); its own tokenizer goes first")
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_path: str,

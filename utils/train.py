@@ -467,18 +467,19 @@ class Run:
         lm, extra_tensors = self.lm, None
         folder = self.weights_dir if stem is None else self.weights_dir_for(stem)
         if isinstance(self.base_model, ActorCritic):  # the policy's adapter, then the critic's with its head
-            save_lora(lm, folder, base=self.args.from_weight, lm_config=self.lm_config, extra=meta)
+            save_lora(lm, folder, base=self.args.from_weight, lm_config=self.lm_config, extra=meta,
+                      tokenizer=self.tokenizer)
             if stem is not None:
                 return
             save_lora(lm, self.critic_dir, base=self.args.from_weight, lm_config=self.lm_config,
                       adapter_name=self.base_model.adapter, extra={**meta, "kind": "critic"},
-                      extra_tensors={HEAD_FILE: self.base_model.head_state()})
+                      extra_tensors={HEAD_FILE: self.base_model.head_state()}, tokenizer=self.tokenizer)
             return
         if isinstance(self.base_model, ValueHeadModel):
             extra_tensors = {HEAD_FILE: self.base_model.head_state()}
         if self.args.use_lora:
             save_lora(lm, folder, base=self.args.from_weight, lm_config=self.lm_config,
-                      extra=meta, extra_tensors=extra_tensors)
+                      extra=meta, extra_tensors=extra_tensors, tokenizer=self.tokenizer)
             return
         export(lm, self.tokenizer, folder, meta={"base": self.args.from_weight, **meta},
                extra_tensors=extra_tensors)
