@@ -13,6 +13,10 @@
 Loading is strict: missing or unexpected keys, or sizes that disagree with the ones given,
 stop with a UserError naming the file, the keys and the real size. Pickles are read with
 ``torch.load(weights_only=True)`` only; ``trust_remote_code`` is never set.
+
+The tokenizer goes with the weights (``choose_tokenizer``): ``--tokenizer_path``, their folder's
+own, a MiniMind checkout's ``model/`` for ``<repo>/out/x.pth``, an adapter's base's; the shipped
+one only for the shipped weights and ``none``; otherwise the load stops with one line.
 """
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ os.chdir(ROOT)  # the scripts' default paths are relative to the project root
 from model import LMConfig, init_model  # noqa: E402
 
 TINY = dict(hidden_size=32, num_hidden_layers=2)
+# What a saved LoRA adapter folder holds: PEFT's two files, minialign.json, and the tokenizer it was trained with.
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "minialign.json",
+                 "tokenizer.json", "tokenizer_config.json"]
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from dataset.data import collate_pair_groups, encode_pairs, load_pairs
 from model import LMConfig, apply_lora, init_model, save_lora
 from train_dpo import main, pair_logprobs, parse_args, precompute_reference
-from conftest import first_lines, free_port, interrupt_after, run_args
+from conftest import ADAPTER_FILES, first_lines, free_port, interrupt_after, run_args
 from utils.errors import UserError
 from utils.train import Run
 
@@ -66,7 +66,7 @@ def test_tiny_run_saves_lora_only_adapter_and_metrics(tmp_path, small_pairs, sav
     weights = adapter(out)
     assert weights and all("lora_A" in k or "lora_B" in k for k in weights)
     assert all(k.startswith("base_model.model.") for k in weights)
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "minialign.json"]
+    assert sorted(os.listdir(out)) == ADAPTER_FILES
     metrics = rows(tmp_path / "out" / "dpo_32_metrics.jsonl")
     assert [r["step"] for r in metrics] == [1, 2, 3]
     for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "rewards/chosen", "rewards/rejected",

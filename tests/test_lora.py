@@ -12,7 +12,7 @@ from model import LMConfig, adapters_disabled, apply_lora, init_model, save_lora
 from model.export import main as export_main, parse_args as export_args
 from model.lora import load_lora, merge_lora
 from utils.errors import UserError
-from conftest import sample_ids
+from conftest import ADAPTER_FILES, sample_ids
 
 
 def perturb_lora(model, seed=1):
@@ -70,18 +70,18 @@ def saved_adapter(tiny_dir, folder):
     """A trained-looking rank-4 adapter on the tiny model, saved to ``folder``; returns the
     sample ids and the adapted model's logits on them."""
     c = LMConfig()
-    model, _ = init_model(c, "full_sft", save_dir=tiny_dir)
+    model, tok = init_model(c, "full_sft", save_dir=tiny_dir)
     apply_lora(model, rank=4)
     perturb_lora(model)
     ids = sample_ids()
-    save_lora(model, str(folder), base="full_sft", lm_config=c)
+    save_lora(model, str(folder), base="full_sft", lm_config=c, tokenizer=tok)
     return ids, out(model, ids)
 
 
 def test_saved_adapter_holds_only_lora_and_reloads_identically(tiny_dir, tmp_path):
     ids, adapted = saved_adapter(tiny_dir, tmp_path / "mine_32")
     files = sorted(os.listdir(tmp_path / "mine_32"))
-    assert files == ["adapter_config.json", "adapter_model.safetensors", "minialign.json"]
+    assert files == ADAPTER_FILES
     tensors = load_file(str(tmp_path / "mine_32" / "adapter_model.safetensors"))
     assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
     assert all(k.startswith("base_model.model.") for k in tensors)  # PEFT's own key names

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY, first_lines
+from conftest import ADAPTER_FILES, TINY, first_lines
 from model import LMConfig, build_model, init_model, load_tokenizer
 from model.loading import shipped_rows
 from model.minimind import minimind_state_dict
@@ -126,9 +126,7 @@ def trained_adapter(checkout, tmp_path_factory):
 
 
 def test_an_adapter_carries_its_tokenizer(trained_adapter):
-    assert sorted(os.listdir(trained_adapter)) == ["adapter_config.json", "adapter_model.safetensors",
-                                                   "chat_template.jinja", "minialign.json", "tokenizer.json",
-                                                   "tokenizer_config.json"]
+    assert sorted(os.listdir(trained_adapter)) == ADAPTER_FILES
     assert len(AutoTokenizer.from_pretrained(str(trained_adapter))) == MM_VOCAB
     model, tok = init_model(LMConfig(), str(trained_adapter))      # merged into its base, with its own tokenizer
     assert rows(model) == len(tok) == MM_VOCAB

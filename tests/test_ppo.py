@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import train_ppo
 import train_reward
-from conftest import first_lines, free_port, run_args
+from conftest import ADAPTER_FILES, first_lines, free_port, run_args
 from model.lora import adapter_parameters
 from model.value_head import HEAD_FILE, RewardModel
 from utils.checkpoint import load_resume
@@ -79,7 +79,7 @@ def test_tiny_run_logs_every_metric_and_saves_actor_and_critic(tmp_path, prompts
     assert torch.equal(*calls[0])                 # the first update's ratio is exactly 1: old and new, one computation
     assert not torch.equal(*calls[-1])            # ... and later ones have moved
     assert out.endswith("ppo_actor_32")
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "minialign.json"]
+    assert sorted(os.listdir(out)) == ADAPTER_FILES
     actor = tensors(out)
     assert actor and all("lora_" in k for k in actor)
     critic = critic_dir(out)
