@@ -308,3 +308,22 @@ def test_grpo_with_an_external_reward_says_which_method_it_runs(data, tmp_path, 
     args = train_grpo.parse_args(argv[:-2] + ["--reward_funcs", ""])             # reward-free: nothing to say
     assert outcome(train_grpo, argv[:-2] + ["--reward_funcs", ""]) == "ok" and args.reward_model is None
     assert "train_grpo.py:" not in capsys.readouterr().out
+
+
+def test_thinking_ratio_run_resumes_exactly(data, tmp_path, tiny_dir, capsys):
+    """A model whose template has the switch: the share is said, and 2 steps + resume to 3 see the
+    same prompts (so the same rewards) as 3 steps straight."""
+    model = tmp_path / "thinking_32"
+    shutil.copytree(os.path.join(tiny_dir, "full_sft_32"), model)
+    tokenizer_with(QWEN3_LIKE).save_pretrained(model)
+
+    def run(where, *extra):
+        return train_grpo.main(run_args(train_grpo.parse_args, tmp_path / where, data["prompts"], str(model),
+                                        "--num_generations", "2", "--max_gen_len", "4", "--thinking_ratio", "0.5",
+                                        "--max_steps", "3", *extra))
+    straight = run("a")
+    assert "with enable_thinking=True" in capsys.readouterr().out
+    run("b", "--stop_after_steps", "2")
+    resumed = run("b", "--from_resume", "1")
+    rewards = [[r["reward"] for r in map(json.loads, open(out + "_metrics.jsonl"))] for out in (straight, resumed)]
+    assert len(rewards[0]) == 3 and rewards[0] == pytest.approx(rewards[1], abs=1e-6)
