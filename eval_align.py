@@ -35,8 +35,8 @@ from model.loading import load_for_inference, lora_base, model_name
 from model.value_head import RewardModel
 from utils.args import add_lora_weight_arg, add_model_args, project_path
 from utils.errors import UserError, run_cli
-from utils.evaluation import (add_answer_check_arg, add_tie_margin_arg, answer_sums, generate_responses, pair_scores, pair_sums,
-                              rates, win_sums)
+from utils.evaluation import (add_answer_check_arg, add_tie_margin_arg, answer_sums, generate_responses, pair_scores,
+                              pair_sums, rates, rejected_rewards, scored_answers, tie_margin_problems, win_sums)
 from utils.runtime import default_device
 
 
@@ -92,26 +92,21 @@ def rm_pair_accuracy(reward_model, pairs: list[dict], max_seq_len: int) -> tuple
     return float((chosen > rejected).float().mean()), len(items)
 
 
-def answers_and_rewards(model, tokenizer, reward_model, prompts: list[list[dict]], args) -> tuple[list[str], list[int], torch.Tensor]:
-    """(texts, lengths, rewards (N*k,)) of the model's greedy answers, or of --eval_samples k
-    sampled ones per prompt (prompt i's at i*k..i*k+k-1), seeded by --seed."""
-    k = max(args.eval_samples, 1)
-    torch.manual_seed(args.seed)
-    texts, lengths = generate_responses(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, args.device,
-                                        args.eval_samples, args.temperature)
-    return texts, lengths, reward_model.score([m for m in prompts for _ in range(k)], texts)
-
-
 def compare_with_start(model, tokenizer, start, start_tokenizer, reward_model, pairs: list[dict], args,
                        style=None) -> dict:
     """The head-to-head metrics (see the module doc) of the model against the start model on
-    the pairs' prompts, plus a few answers of each side."""
+    the pairs' prompts, plus a few answers of each side. Each side's sampling (--eval_samples)
+    starts from --seed."""
     prompts, k = [p["prompt"] for p in pairs], max(args.eval_samples, 1)
-    texts, lengths, rewards = answers_and_rewards(model, tokenizer, reward_model, prompts, args)
-    start_texts, start_lengths, start_rewards = answers_and_rewards(start, start_tokenizer, reward_model, prompts, args)
-    rejected = reward_model.score(prompts, [p["rejected"] for p in pairs]).repeat_interleave(k)
+    sides = []
+    for m, tok in ((model, tokenizer), (start, start_tokenizer)):
+        torch.manual_seed(args.seed)
+        sides.append(scored_answers(m, tok, reward_model, prompts, args.max_new_tokens, args.batch_size, args.device,
+                                    args.eval_samples, args.temperature))
+    (texts, lengths, rewards), (start_texts, start_lengths, start_rewards) = sides
     result = {key: round(v, 4) for key, v in rates(win_sums(rewards, start_rewards, lengths, start_lengths,
-                                                           args.tie_margin, rejected)).items()}
+                                                           args.tie_margin,
+                                                           rejected_rewards(reward_model, pairs, k))).items()}
     if style:
         for key, side in (("style_share", texts), ("style_share_start", start_texts)):
             result[key] = round(sum(bool(style(t)) for t in side) / len(side), 4)
@@ -121,9 +116,10 @@ def compare_with_start(model, tokenizer, start, start_tokenizer, reward_model, p
     return result
 
 
-def evaluate(model, tokenizer, args, check: AnswerCheck | None = None) -> dict:
-    """The metrics of eval_align.py; check: the --answer_check judge (built from args if None)."""
-    pairs, prompts = load_pairs(args.pairs), load_prompts(args.data)
+def evaluate(model, tokenizer, args, check: AnswerCheck | None = None, pairs: list[dict] | None = None) -> dict:
+    """The metrics of eval_align.py; check: the --answer_check judge (built from args if None);
+    pairs: the --pairs file's rows (read if None)."""
+    pairs, prompts = (load_pairs(args.pairs) if pairs is None else pairs), load_prompts(args.data)
     missing = [i for i, p in enumerate(prompts) if "answer" not in p]
     if missing:
         raise UserError(f"{args.data}: {len(missing)} prompt(s) have no \"answer\" field (first: line {missing[0] + 1})")
@@ -158,8 +154,9 @@ def print_comparison(result: dict, args) -> None:
 def arg_problems(args) -> list[str]:
     """What is wrong with the flags, found before any model is loaded."""
     problems = []
-    if args.eval_samples < 0 or args.temperature <= 0 or args.tie_margin < 0:
-        problems.append("--eval_samples and --tie_margin must be 0 or more and --temperature above 0")
+    if args.eval_samples < 0 or args.temperature <= 0:
+        problems.append("--eval_samples must be 0 or more and --temperature above 0")
+    problems += tie_margin_problems(args)
     if args.baseline and not args.reward_model:
         problems.append("--baseline needs --reward_model: the answers of both models are judged by it")
     return problems
@@ -172,18 +169,19 @@ def main(args):
     if problems:
         raise UserError("; ".join(problems))
     model, tokenizer, _ = load_for_inference(args, device=args.device)
-    result = evaluate(model, tokenizer, args, check)
+    pairs = load_pairs(args.pairs)
+    result = evaluate(model, tokenizer, args, check, pairs)
     result["model"] = model_name(args)
     start_weight = args.baseline or (lora_base(args) if args.lora_weight else None)
     if args.reward_model:
         rm = RewardModel.load(args.reward_model, device=args.device, save_dir=args.save_dir, batch_size=args.batch_size)
-        result["rm_pair_acc"], _ = rm_pair_accuracy(rm, load_pairs(args.pairs), args.max_seq_len)
+        result["rm_pair_acc"], _ = rm_pair_accuracy(rm, pairs, args.max_seq_len)
         result["rm_pair_acc"] = round(result["rm_pair_acc"], 4)
         if start_weight:
             start, start_tokenizer, _ = load_for_inference(
                 argparse.Namespace(**{**vars(args), "from_weight": start_weight, "lora_weight": None}), args.device)
             result["baseline"] = start_weight
-            result.update(compare_with_start(model, tokenizer, start, start_tokenizer, rm, load_pairs(args.pairs), args,
+            result.update(compare_with_start(model, tokenizer, start, start_tokenizer, rm, pairs, args,
                                              style))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if not k.endswith("examples")}, ensure_ascii=False))

@@ -114,6 +114,8 @@ def test_bad_flags_stop_before_loading(few_pairs):
         main(parse_args(["--baseline", "full_sft", "--pairs", few_pairs]))
     with pytest.raises(UserError, match="--tie_margin must be 0 or more"):
         main(parse_args(["--reward_model", "x", "--tie_margin", "-1"]))
+    with pytest.raises(UserError, match="--eval_samples must be 0 or more"):
+        main(parse_args(["--reward_model", "x", "--eval_samples", "-1"]))
     with pytest.raises(UserError, match="--style_check nope:f"):
         main(parse_args(["--style_check", "nope:f"]))
 

@@ -84,6 +84,22 @@ def generate_responses(model, tokenizer, prompts: list[list[dict]], max_new_toke
     return texts, lengths
 
 
+def scored_answers(model, tokenizer, reward_model, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+                   device, samples: int = 0, temperature: float = 1.0) -> tuple[list[str], list[int], torch.Tensor]:
+    """(texts, lengths, rewards (N*k,)) of the model's answers (generate_responses: greedy, or k
+    sampled per prompt, prompt i's at i*k..i*k+k-1), each scored by reward_model."""
+    texts, lengths = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, device, samples,
+                                        temperature)
+    k = max(samples, 1)
+    return texts, lengths, reward_model.score([m for m in prompts for _ in range(k)], texts)
+
+
+def rejected_rewards(reward_model, pairs: list[dict], samples: int = 0) -> torch.Tensor:
+    """(N*k,) reward_model's score of each pair's rejected answer, repeated for its k answers."""
+    return reward_model.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs]).repeat_interleave(
+        max(samples, 1))
+
+
 def answer_sums(scores: list[float], lengths: list[int]) -> dict[str, float]:
     """{correct, length, prompts} of greedy responses, one per prompt: correct sums the scores
     an AnswerCheck (--answer_check) gave them (AnswerCheck.scores), length their token counts."""
@@ -179,6 +195,12 @@ def add_tie_margin_arg(group) -> None:
                        help="a tie when two answers' rewards differ by less (default: %(default)s)")
 
 
+def tie_margin_problems(args) -> list[str]:
+    """--tie_margin's check (eval_align.py and --eval_reward_model)."""
+    margin = getattr(args, "tie_margin", 0)
+    return [f"--tie_margin must be 0 or more (got {margin})"] if margin < 0 else []
+
+
 def eval_kind(path: str) -> str:
     """"pairs" or "prompts": what the first line of a held-out file holds."""
     rows = read_jsonl(path)
@@ -221,8 +243,7 @@ def eval_arg_problems(args) -> list[str]:
                         "or keep a copy (--ref_model copy)")
     if reward_model and not os.path.isdir(reward_model):
         problems.append(f"--eval_reward_model {reward_model}: no such folder")
-    if getattr(args, "tie_margin", 0) < 0:
-        problems.append(f"--tie_margin must be 0 or more (got {args.tie_margin})")
+    problems += tie_margin_problems(args)
     allowed = PAIR_METRICS + (("win_rate",) if reward_model else ()) if kind == "pairs" else ("answer_acc",) + ((f"pass@{args.eval_samples}",)
                                                                        if args.eval_samples else ())
     if args.best_metric is not None and args.best_metric not in allowed:
@@ -297,11 +318,11 @@ class TrainingEval:
         prompts, bs = [p["prompt"] for p in self.items], max(1, args.batch_size)
         if self.start is None:
             with self.start_model() as start:
-                texts, lengths = generate_responses(start, tok, prompts, args.eval_max_new_tokens, bs, dev)
-            self.start = (rm.score(prompts, texts), lengths, rm.score(prompts, [p["rejected"] for p in self.items]))
-        texts, lengths = generate_responses(model, tok, prompts, args.eval_max_new_tokens, bs, dev)
+                _, lengths, rewards = scored_answers(start, tok, rm, prompts, args.eval_max_new_tokens, bs, dev)
+            self.start = (rewards, lengths, rejected_rewards(rm, self.items))
+        _, lengths, rewards = scored_answers(model, tok, rm, prompts, args.eval_max_new_tokens, bs, dev)
         start_rewards, start_lengths, rejected = self.start
-        return win_sums(rm.score(prompts, texts), start_rewards, lengths, start_lengths, args.tie_margin, rejected)
+        return win_sums(rewards, start_rewards, lengths, start_lengths, args.tie_margin, rejected)
 
     @contextlib.contextmanager
     def start_model(self):
