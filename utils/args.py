@@ -35,6 +35,25 @@ def find_data_file(path: str) -> str:
     return path
 
 
+def default_save_dir() -> str:
+    """``out``; but run from a MiniMind checkout's ``trainer/`` (``../out`` beside a tokenizer in
+    ``../model``), ``../out``, as MiniMind's scripts: its weights are found by name there
+    (``--from_weight full_sft``), not the shipped demo's, and results go beside them."""
+    here = os.getcwd()
+    if os.path.basename(here) == "trainer" and os.path.isdir(os.path.join(here, "..", "out")) and any(
+            os.path.isfile(os.path.join(here, "..", "model", f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        print0(f"--save_dir ../out: run from a MiniMind checkout's trainer/ ({os.path.dirname(here)}), as MiniMind's "
+               f"scripts; names are looked up there first and results saved there")
+        return os.path.join("..", "out")
+    return "out"
+
+
+def add_save_dir_arg(parser, help_text: str) -> None:
+    """--save_dir, default ``default_save_dir()``."""
+    parser.add_argument("--save_dir", default=default_save_dir(),
+                        help=help_text + " (default: out; ../out when run from a MiniMind checkout's trainer/)")
+
+
 def add_model_args(group, from_weight: str | None, from_weight_help: str) -> None:
     """The flags that say which model to load: --from_weight, --tokenizer_path and the sizes.
     from_weight None (the scripts that take --lora_weight): the base --lora_weight recorded."""
@@ -130,7 +149,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
     g.add_argument("--use_compile", type=int, choices=[0, 1], default=0, help="torch.compile the model (default: 0)")
 
     g = parser.add_argument_group("saving, resuming and logging")
-    g.add_argument("--save_dir", default="out", help="where weights and the metrics file go (default: %(default)s)")
+    add_save_dir_arg(g, "where weights and the metrics file go, and names are looked up first")
     g.add_argument("--save_weight", default=save_weight,
                    help="name of the saved weights: {save_dir}/{save_weight}_{hidden_size}[_moe] (default: %(default)s)")
     g.add_argument("--checkpoint_dir", default="checkpoints", help="where resume files go (default: %(default)s)")
