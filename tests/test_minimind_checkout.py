@@ -79,6 +79,18 @@ def test_names_resolve_in_the_checkout(checkout, monkeypatch):
     assert default_save_dir() == "out"
 
 
+def test_minimind_rlaif_rows_are_prompts_without_answers(checkout):
+    from dataset.data import load_prompts
+    from utils.rewards import check_answers
+    root, written = checkout
+    prompts = load_prompts(written["rlaif"])                    # the trailing assistant turn ("无") is dropped
+    assert len(prompts) == 8 and all([m["role"] for m in p["prompt"]] == ["user"] for p in prompts)
+    alone = r"with --reward_model_path alone, as for MiniMind's RLAIF data: --reward_funcs ''"
+    with pytest.raises(UserError, match=alone):
+        check_answers("accuracy", prompts, written["rlaif"])
+    check_answers("", prompts, written["rlaif"])
+
+
 @pytest.mark.slow   # a fresh process: importing torch and transformers is most of it
 def test_export_runs_by_its_path(tmp_path):
     """As MiniMind's scripts are run (python ../x/model/export.py): bad input gets its one line."""
