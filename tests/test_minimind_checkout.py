@@ -62,10 +62,16 @@ def test_minimind_dpo_line_from_trainer_uses_the_checkout(checkout, monkeypatch,
     assert sorted(os.listdir(broken / "out")) == [f"full_sft_{H}.pth"]
 
 
-def test_names_resolve_in_the_checkout(checkout, monkeypatch):
+def test_names_resolve_in_the_checkout(checkout, monkeypatch, capsys):
     root, _ = checkout
     monkeypatch.chdir(root / "trainer")
     assert default_save_dir() == os.path.join("..", "out")
+    from train_dpo import parse_args
+    capsys.readouterr()
+    assert parse_args(MINIMIND_DPO).save_dir == os.path.join("..", "out")
+    assert "--save_dir ../out" in capsys.readouterr().out                     # said when it applies
+    assert parse_args(MINIMIND_DPO + ["--save_dir", "mine"]).save_dir == "mine"
+    assert "--save_dir" not in capsys.readouterr().out                        # and only then
     base, tok = init_model(LMConfig(), "full_sft", save_dir=default_save_dir())   # dense and MoE of one size: dense
     moe, _ = init_model(LMConfig(use_moe=True), "full_sft", save_dir=default_save_dir())
     lora, _ = init_model(LMConfig(), "lora_identity", save_dir=default_save_dir())

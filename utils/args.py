@@ -48,9 +48,16 @@ def default_save_dir() -> str:
     return "out"
 
 
+_DEFAULT_SAVE_DIR = "\0default"   # argparse passes a string default through ``type`` only when the flag is not given
+
+
+def _save_dir(value: str) -> str:
+    return default_save_dir() if value == _DEFAULT_SAVE_DIR else value
+
+
 def add_save_dir_arg(parser, help_text: str) -> None:
-    """--save_dir, default ``default_save_dir()``."""
-    parser.add_argument("--save_dir", default=default_save_dir(),
+    """--save_dir, default ``default_save_dir()`` (worked out, and said, only when the flag is not given)."""
+    parser.add_argument("--save_dir", default=_DEFAULT_SAVE_DIR, type=_save_dir,
                         help=help_text + " (default: out; ../out when run from a MiniMind checkout's trainer/)")
 
 
