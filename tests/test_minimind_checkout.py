@@ -42,6 +42,8 @@ def test_minimind_dpo_line_from_trainer_uses_the_checkout(checkout, monkeypatch,
     out = dpo(MINIMIND_DPO)                                          # no --save_dir: MiniMind's ../out
     said = capsys.readouterr().out
     assert os.path.realpath(out) == os.path.realpath(root / "out" / f"dpo_{H}")
+    assert os.path.isfile(root / "checkpoints" / f"dpo_{H}_resume.pth")   # MiniMind's ../checkpoints
+    assert "--checkpoint_dir ../checkpoints" in said
     assert f"weights ../out/full_sft_{H}.pth, tokenizer {root / 'model'} ({MM_VOCAB} tokens)" in said
     meta = json.load(open(os.path.join(out, "minialign.json")))
     assert (meta["base_path"], meta["lm_config"]["vocab_size"], meta["logp_reduce"]) == \

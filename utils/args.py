@@ -35,29 +35,49 @@ def find_data_file(path: str) -> str:
     return path
 
 
-def default_save_dir() -> str:
-    """``out``; but run from a MiniMind checkout's ``trainer/`` (``../out`` beside a tokenizer in
-    ``../model``), ``../out``, as MiniMind's scripts: its weights are found by name there
-    (``--from_weight full_sft``), not the shipped demo's, and results go beside them."""
+def minimind_trainer_dir() -> str | None:
+    """The MiniMind checkout whose ``trainer/`` this is (``../out`` beside a tokenizer in
+    ``../model``), or None."""
     here = os.getcwd()
     if os.path.basename(here) == "trainer" and os.path.isdir(os.path.join(here, "..", "out")) and any(
             os.path.isfile(os.path.join(here, "..", "model", f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        print0(f"--save_dir ../out: run from a MiniMind checkout's trainer/ ({os.path.dirname(here)}), as MiniMind's "
-               f"scripts; names are looked up there first and results saved there")
-        return os.path.join("..", "out")
-    return "out"
+        return os.path.dirname(here)
+    return None
 
 
-_DEFAULT_SAVE_DIR = "\0default"   # argparse passes a string default through ``type`` only when the flag is not given
+_NOT_GIVEN = "\0default"   # argparse passes a string default through ``type`` only when the flag is not given
 
 
-def _save_dir(value: str) -> str:
-    return default_save_dir() if value == _DEFAULT_SAVE_DIR else value
+def _dir_default(flag: str, ours: str, minimind: str, what: str):
+    """An argparse ``type`` for a folder flag: the given value; if not given, ``ours``, or, run from a
+    MiniMind checkout's trainer/, MiniMind's own ``minimind`` (said once)."""
+    def convert(value: str) -> str:
+        if value != _NOT_GIVEN:
+            return value
+        checkout = minimind_trainer_dir()
+        if checkout is None:
+            return ours
+        print0(f"{flag} {minimind}: run from a MiniMind checkout's trainer/ ({checkout}), as MiniMind's scripts; {what}")
+        return minimind
+    return convert
+
+
+def default_save_dir() -> str:
+    """``out``; but run from a MiniMind checkout's ``trainer/``, ``../out``, as MiniMind's scripts:
+    its weights are found by name there (``--from_weight full_sft``), not the shipped demo's, and
+    results go beside them."""
+    return _SAVE_DIR(_NOT_GIVEN)
+
+
+_SAVE_DIR = _dir_default("--save_dir", "out", os.path.join("..", "out"),
+                         "names are looked up there first and results saved there")
+_CHECKPOINT_DIR = _dir_default("--checkpoint_dir", "checkpoints", os.path.join("..", "checkpoints"),
+                               "resume files are read and written there")
 
 
 def add_save_dir_arg(parser, help_text: str) -> None:
     """--save_dir, default ``default_save_dir()`` (worked out, and said, only when the flag is not given)."""
-    parser.add_argument("--save_dir", default=_DEFAULT_SAVE_DIR, type=_save_dir,
+    parser.add_argument("--save_dir", default=_NOT_GIVEN, type=_SAVE_DIR,
                         help=help_text + " (default: out; ../out when run from a MiniMind checkout's trainer/)")
 
 
@@ -159,7 +179,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
     add_save_dir_arg(g, "where weights and the metrics file go, and names are looked up first")
     g.add_argument("--save_weight", default=save_weight,
                    help="name of the saved weights: {save_dir}/{save_weight}_{hidden_size}[_moe] (default: %(default)s)")
-    g.add_argument("--checkpoint_dir", default="checkpoints", help="where resume files go (default: %(default)s)")
+    g.add_argument("--checkpoint_dir", default=_NOT_GIVEN, type=_CHECKPOINT_DIR,
+                   help="where resume files go (default: checkpoints; ../checkpoints when run from a MiniMind "
+                        "checkout's trainer/, as MiniMind's)")
     g.add_argument("--save_interval", type=int, default=save_interval, help="save every N optimizer steps (default: %(default)s)")
     g.add_argument("--keep_checkpoints", type=int, default=1,
                    help="resume files to keep: 1 keeps the latest only; K keeps the K latest as "
