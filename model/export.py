@@ -17,15 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
-import torch
+if __package__ in (None, ""):   # run by its path (python ../minialign/model/export.py): the project root, not model/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from model.config import weight_name
-from model.loading import load_for_inference
-from utils.args import add_lora_weight_arg, add_model_args
-from utils.errors import UserError, run_cli
-from model.minimind import minimind_state_dict
-from utils.files import atomic_dir, write_tensor_files
+import torch  # noqa: E402
+
+from model.config import weight_name  # noqa: E402
+from model.loading import load_for_inference  # noqa: E402
+from model.minimind import minimind_state_dict  # noqa: E402
+from utils.args import add_lora_weight_arg, add_model_args, add_save_dir_arg  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
+from utils.files import atomic_dir, write_tensor_files  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--name", default="full_sft", help="--format minimind: the file's name before _{hidden_size} "
                                                       "(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--save_dir", default="out", help="where names are looked up first, then the shipped demo (default: %(default)s)")
+    add_save_dir_arg(p, "where names are looked up first, then the shipped demo")
     return p.parse_args(argv)
 
 

@@ -182,6 +182,8 @@ def resolve_weight(from_weight: str, lm_config: LMConfig, save_dir: str = "out",
     tried = []
     for folder in dict.fromkeys(f for f in (beside, save_dir, SHIPPED_DIR) if f):
         stems = _candidate_stems(from_weight, lm_config, folder)
+        if lm_config.use_moe is None and len({s.removesuffix("_moe") for s in stems}) == 1 and len(stems) > 1:
+            stems = [s for s in stems if not s.endswith("_moe")]   # one size, dense and MoE: MiniMind's --use_moe 0
         if lm_config.hidden_size is None and len(stems) > 1:
             raise UserError(f"{flag} {from_weight}: several sizes in {folder} ({', '.join(stems)}); "
                             f"pass --hidden_size to choose")

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.minimind_checkout import minimind_lora_pth, random_minimind_model, save_minimind_pth
 from model import LMConfig, init_model
-from model.config import build_model
 from model.minimind import fuse_experts, moe_aux_loss, split_experts
 from utils.errors import UserError
 
@@ -15,16 +15,10 @@ H, LAYERS, VOCAB = 32, 2, 1116
 
 
 def minimind_moe_pth(path, seed=0, num_experts=4):
-    """A MiniMind MoE state dict as MiniMind's trainer saves it (each expert apart, fp16)."""
-    torch.manual_seed(seed)
-    model = build_model(LMConfig(hidden_size=H, num_hidden_layers=LAYERS, use_moe=True, vocab_size=VOCAB,
-                                 num_experts=num_experts))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    sd = split_experts({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"})
-    torch.save({k: v.half() for k, v in sd.items()}, path)
-    return {k: v.half().float() for k, v in sd.items()}
+    """A MiniMind MoE state dict as MiniMind's trainer saves it (each expert apart, fp16), weights
+    drawn wide enough (std 0.3) for tokens to route to different experts; what was saved, in fp32."""
+    model = random_minimind_model(H, LAYERS, VOCAB, use_moe=True, num_experts=num_experts, seed=seed, std=0.3)
+    return save_minimind_pth(model, path)
 
 
 def reference_moe(sd, layer, x, top_k, renorm):
@@ -154,16 +148,14 @@ def test_export_minimind_pth_round_trip(tmp_path, tiny_dir, moe):
 
 def test_minimind_lora_file_merges_into_base_weight(tmp_path, tiny_dir):
     base, _ = init_model(LMConfig(), "full_sft", save_dir=tiny_dir, tokenizer_path="model")
-    torch.manual_seed(3)
-    A, B = torch.randn(16, H) * 0.1, torch.randn(H, 16) * 0.1    # rank 16, MiniMind's o_proj-style square layer
-    name = "model.layers.1.self_attn.o_proj"
-    torch.save({f"module.{name}.lora.A.weight": A.half(), f"module.{name}.lora.B.weight": B.half()},
-               tmp_path / "lora_identity_32.pth")                 # saved under DDP: module. prefix
+    name = "model.layers.1.self_attn.o_proj"                     # rank 16 on a square layer, as MiniMind's
+    A, B = minimind_lora_pth(base, tmp_path / "lora_identity_32.pth", names=[name], seed=3, std=0.1,
+                             prefix="module.")[name]               # saved under DDP: module. prefix
     merged, _ = init_model(LMConfig(), str(tmp_path / "lora_identity_32.pth"), save_dir=tiny_dir,
                            tokenizer_path="model", base_weight="full_sft")
     x = torch.randn(3, H)
     W = base.get_submodule(name).weight
-    direct = x @ W.T + (x @ A.half().float().T) @ B.half().float().T     # W x + B(A x)
+    direct = x @ W.T + (x @ A.T) @ B.T                                # W x + B(A x)
     assert (merged.get_submodule(name)(x) - direct).abs().max() < 1e-5
     torch.save({"model.layers.9.mlp.wrong.lora.A.weight": A, "model.layers.9.mlp.wrong.lora.B.weight": B},
                tmp_path / "bad.pth")

@@ -7,31 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench.minimind_checkout import MM_VOCAB, minimind_lora_pth, random_minimind_model, save_minimind_pth, \
+    tokenizer_of_size
 from conftest import ADAPTER_FILES, TINY, first_lines
 from model import LMConfig, build_model, init_model, load_tokenizer
 from model.loading import shipped_rows
-from model.minimind import minimind_state_dict
 from utils.errors import UserError
-
-MM_VOCAB = 6400   # MiniMind's tokenizer size
-
-
-def tokenizer_of_size(n: int, folder):
-    """The shipped tokenizer padded with added tokens to ``n`` tokens, saved in ``folder``."""
-    tok = load_tokenizer()
-    tok.add_tokens([f"<mm_{i}>" for i in range(n - len(tok))])
-    assert len(tok) == n
-    tok.save_pretrained(str(folder))
-    return str(folder)
-
-
-def minimind_pth(path, vocab=MM_VOCAB, seed=0):
-    """A tiny random model with ``vocab`` embedding rows, saved as MiniMind's trainer saves it."""
-    torch.manual_seed(seed)
-    model = build_model(LMConfig(**TINY, vocab_size=vocab))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(minimind_state_dict(model), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +20,7 @@ def checkout(tmp_path_factory):
     """A MiniMind checkout: <repo>/model/ holds its 6,400-token tokenizer, <repo>/out/ its weights."""
     repo = tmp_path_factory.mktemp("minimind")
     tokenizer_of_size(MM_VOCAB, repo / "model")
-    minimind_pth(repo / "out" / "full_sft_32.pth")
+    save_minimind_pth(random_minimind_model(**TINY), repo / "out" / "full_sft_32.pth")
     return repo
 
 
@@ -155,17 +136,16 @@ def test_export_and_eval_without_from_weight_use_the_adapters_base_and_tokenizer
 def test_minimind_lora_file_alone_merges_onto_the_base_beside_it(checkout, tmp_path):
     import chat
     name = "model.layers.0.self_attn.q_proj"
-    A, B = torch.randn(16, 32) * 0.1, torch.randn(32, 16) * 0.1
+    base, _ = init_model(LMConfig(), str(checkout / "out" / "full_sft_32.pth"))
     lora = checkout / "out" / "lora_identity_32.pth"
-    torch.save({f"{name}.lora.A.weight": A.half(), f"{name}.lora.B.weight": B.half()}, lora)
+    A, B = minimind_lora_pth(base, lora, names=[name], std=0.1)[name]
     try:
         answers = chat.main(chat.parse_args(["--lora_weight", str(lora), "--save_dir", str(tmp_path),
                                              "--device", "cpu", "--max_new_tokens", "2", "--prompt", "hi"]))
         assert len(answers) == 1
         from model.loading import load_for_inference
         model, tok, _ = load_for_inference(chat.parse_args(["--lora_weight", str(lora), "--save_dir", str(tmp_path)]))
-        base, _ = init_model(LMConfig(), str(checkout / "out" / "full_sft_32.pth"))
         delta = model.get_submodule(name).weight - base.get_submodule(name).weight
-        assert len(tok) == MM_VOCAB and (delta - B.half().float() @ A.half().float()).abs().max() < 1e-6
+        assert len(tok) == MM_VOCAB and (delta - B @ A).abs().max() < 1e-6
     finally:
         os.remove(lora)

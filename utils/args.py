@@ -35,6 +35,52 @@ def find_data_file(path: str) -> str:
     return path
 
 
+def minimind_trainer_dir() -> str | None:
+    """The MiniMind checkout whose ``trainer/`` this is (``../out`` beside a tokenizer in
+    ``../model``), or None."""
+    here = os.getcwd()
+    if os.path.basename(here) == "trainer" and os.path.isdir(os.path.join(here, "..", "out")) and any(
+            os.path.isfile(os.path.join(here, "..", "model", f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return os.path.dirname(here)
+    return None
+
+
+_NOT_GIVEN = "\0default"   # argparse passes a string default through ``type`` only when the flag is not given
+
+
+def _dir_default(flag: str, ours: str, minimind: str, what: str):
+    """An argparse ``type`` for a folder flag: the given value; if not given, ``ours``, or, run from a
+    MiniMind checkout's trainer/, MiniMind's own ``minimind`` (said once)."""
+    def convert(value: str) -> str:
+        if value != _NOT_GIVEN:
+            return value
+        checkout = minimind_trainer_dir()
+        if checkout is None:
+            return ours
+        print0(f"{flag} {minimind}: run from a MiniMind checkout's trainer/ ({checkout}), as MiniMind's scripts; {what}")
+        return minimind
+    return convert
+
+
+def default_save_dir() -> str:
+    """``out``; but run from a MiniMind checkout's ``trainer/``, ``../out``, as MiniMind's scripts:
+    its weights are found by name there (``--from_weight full_sft``), not the shipped demo's, and
+    results go beside them."""
+    return _SAVE_DIR(_NOT_GIVEN)
+
+
+_SAVE_DIR = _dir_default("--save_dir", "out", os.path.join("..", "out"),
+                         "names are looked up there first and results saved there")
+_CHECKPOINT_DIR = _dir_default("--checkpoint_dir", "checkpoints", os.path.join("..", "checkpoints"),
+                               "resume files are read and written there")
+
+
+def add_save_dir_arg(parser, help_text: str) -> None:
+    """--save_dir, default ``default_save_dir()`` (worked out, and said, only when the flag is not given)."""
+    parser.add_argument("--save_dir", default=_NOT_GIVEN, type=_SAVE_DIR,
+                        help=help_text + " (default: out; ../out when run from a MiniMind checkout's trainer/)")
+
+
 def add_model_args(group, from_weight: str | None, from_weight_help: str) -> None:
     """The flags that say which model to load: --from_weight, --tokenizer_path and the sizes.
     from_weight None (the scripts that take --lora_weight): the base --lora_weight recorded."""
@@ -130,10 +176,12 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
     g.add_argument("--use_compile", type=int, choices=[0, 1], default=0, help="torch.compile the model (default: 0)")
 
     g = parser.add_argument_group("saving, resuming and logging")
-    g.add_argument("--save_dir", default="out", help="where weights and the metrics file go (default: %(default)s)")
+    add_save_dir_arg(g, "where weights and the metrics file go, and names are looked up first")
     g.add_argument("--save_weight", default=save_weight,
                    help="name of the saved weights: {save_dir}/{save_weight}_{hidden_size}[_moe] (default: %(default)s)")
-    g.add_argument("--checkpoint_dir", default="checkpoints", help="where resume files go (default: %(default)s)")
+    g.add_argument("--checkpoint_dir", default=_NOT_GIVEN, type=_CHECKPOINT_DIR,
+                   help="where resume files go (default: checkpoints; ../checkpoints when run from a MiniMind "
+                        "checkout's trainer/, as MiniMind's)")
     g.add_argument("--save_interval", type=int, default=save_interval, help="save every N optimizer steps (default: %(default)s)")
     g.add_argument("--keep_checkpoints", type=int, default=1,
                    help="resume files to keep: 1 keeps the latest only; K keeps the K latest as "

@@ -165,7 +165,8 @@ def check_answers(reward_funcs: str | None, prompts: list[dict], path: str) -> N
     if "accuracy" in specs and any("answer" not in p for p in prompts):
         first = next(i for i, p in enumerate(prompts) if "answer" not in p)
         raise UserError(f'{path}: the accuracy reward needs an "answer" field on every prompt '
-                        f"(prompt {first + 1} has none); use other --reward_funcs or add the answers")
+                        f"(prompt {first + 1} has none); use other --reward_funcs (with --reward_model_path alone, "
+                        f"as for MiniMind's RLAIF data: --reward_funcs '') or add the answers")
 
 
 def check_reward_flags(args) -> None:

@@ -172,6 +172,7 @@ class Run:
         model, self.tokenizer = init_model(self.lm_config, args.from_weight, device=self.device,
                                            save_dir=args.save_dir, tokenizer_path=args.tokenizer_path,
                                            eos_token=args.eos_token, base_weight=args.base_weight)
+        source = model.weight_source
         if args.disable_dropout and disable_dropout(model):
             print0("dropout of the model set to 0 for the run (--disable_dropout 0 keeps it)")
         # The reference is the start weights, frozen: a copy taken before any adapter goes in.
@@ -214,6 +215,8 @@ class Run:
         print0(f"{algorithm}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
                f"({'LoRA r=%d' % args.lora_rank if args.use_lora else 'all'}), device {self.device}, "
                f"{self.dist.world_size} process(es)")
+        print0(f"weights {source.path or 'random init'}, tokenizer {self.tokenizer.name_or_path} "
+               f"({len(self.tokenizer)} tokens)")
 
     @property
     def lm(self):
