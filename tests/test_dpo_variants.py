@@ -86,6 +86,13 @@ def test_rpo_alpha_adds_the_chosen_nll_at_step_one(tmp_path, small_pairs, save_d
     assert json.load(open(out + "/minialign.json"))["rpo_alpha"] == 0.5
 
 
+def test_rpo_alpha_0_is_the_seeds_plain_dpo(tmp_path, small_pairs, save_dir):
+    out = main(args_for(tmp_path, small_pairs, save_dir, "--max_steps", "1", "--rpo_alpha", "0"))
+    first = rows(out + "_metrics.jsonl")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5) and "nll_loss" not in first
+    assert json.load(open(out + "/minialign.json"))["rpo_alpha"] == 0
+
+
 def test_rpo_alpha_is_exact_under_accumulation(tmp_path, small_pairs, save_dir):
     """One batch of 4 and two micro-batches of 2 (the same pairs) give the same step-1 loss and NLL."""
     one = rows(main(args_for(tmp_path / "a", small_pairs, save_dir, "--max_steps", "1", "--rpo_alpha", "1"))
