@@ -86,7 +86,8 @@ def test_tiny_run_saves_lora_only_adapter_and_metrics(tmp_path, small_pairs, sav
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
 
 
-@pytest.mark.parametrize("extra", [["--accumulation_steps", "2"], ["--precompute_ref", "1", "--epochs", "2"]])
+@pytest.mark.parametrize("extra", [["--accumulation_steps", "2"], ["--precompute_ref", "1", "--epochs", "2"],
+                                   ["--loss_type", "simpo", "--epochs", "2"]])
 def test_resume_equals_uninterrupted(tmp_path, small_pairs, save_dir, extra):
     common = ["--learning_rate", "1e-2", *extra]
     straight = main(args_for(tmp_path / "a", small_pairs, save_dir, *common, "--max_steps", "5"))
