@@ -10,7 +10,9 @@
 Loss (DESIGN section 6): h = (l_pol(y+) - l_pol(y-)) - (l_ref(y+) - l_ref(y-)),
 -log sigmoid(beta h), with ipo / hinge / robust / apo_zero variants and label smoothing (cDPO);
 ``--loss_type simpo`` is reference-free (no reference model, no precompute) and
-``--rpo_alpha A`` adds A times the chosen response's NLL per token (RPO); see utils/losses.py.
+``--rpo_alpha A`` adds A times the chosen response's NLL per token (RPO, default 1: the answers then
+move towards the chosen ones rather than only away from the rejected; ``--rpo_alpha 0`` is the seed's
+plain DPO); see utils/losses.py.
 Unlike the paper, l(y) is by default the mean log-prob per response token, as in the seed
 (``--logp_reduce sum`` gives the paper's sum). A per-token mean is about |y| times smaller than
 the sum, so beta must be about that much larger: the default beta is 5 with mean, 0.1 with sum.
@@ -65,9 +67,9 @@ def parse_args(argv=None):
                         "log-probs; default beta 2) (default: %(default)s)")
     g.add_argument("--simpo_gamma", type=float, default=0.5,
                    help="SimPO's target margin gamma: loss -log s(beta (l(y+) - l(y-)) - gamma) (default: %(default)s)")
-    g.add_argument("--rpo_alpha", type=float, default=0.0,
+    g.add_argument("--rpo_alpha", type=float, default=1.0,
                    help="RPO: add this times the chosen response's NLL per token to the loss, logged as nll_loss "
-                        "(TRL's rpo_alpha; 0: off) (default: %(default)s)")
+                        "(TRL's rpo_alpha); 0 gives the seed's plain DPO (default: %(default)s)")
     g.add_argument("--label_smoothing", type=float, default=0.0,
                    help="share of pairs assumed mislabelled, for sigmoid (cDPO) and robust; in [0, 0.5) (default: 0)")
     g.add_argument("--ref_model", choices=["shared", "copy"], default=None,
@@ -162,8 +164,8 @@ class OveroptimisationWatch:
             self.warned = True
             print0(f"warning: the chosen answers' log-prob per token fell from {logp0:.3f} to {logp:.3f} while the "
                    f"reward margin grew from {margin0:.2f} to {margin_now:.2f}: the policy is pushing the rejected "
-                   f"answers down rather than the chosen ones up (over-optimisation; try --rpo_alpha 1, a larger "
-                   f"--beta or fewer steps)")
+                   f"answers down rather than the chosen ones up (over-optimisation; try a larger --rpo_alpha, "
+                   f"a larger --beta or fewer steps)")
             return True
         return False
 

@@ -111,7 +111,8 @@ def ours_dpo(a, data: str, tmp: str):
                                  "--max_seq_len", str(a.max_len), "--device", a.device, "--learning_rate",
                                  str(a.learning_rate), "--epochs", "1", "--save_dir", tmp, "--checkpoint_dir", tmp,
                                  "--precompute_ref", str(a.precompute_ref), "--dtype", "bfloat16",
-                                 "--logp_reduce", "sum", "--beta", "0.1"])        # TRL's: summed log-probs
+                                 "--logp_reduce", "sum", "--beta", "0.1",         # TRL's: summed log-probs
+                                 "--rpo_alpha", "0"])                             # and no NLL term
     return timed_steps(train_dpo.build(args))
 
 

@@ -70,11 +70,14 @@ def test_tiny_run_saves_lora_only_adapter_and_metrics(tmp_path, small_pairs, sav
     metrics = rows(tmp_path / "out" / "dpo_32_metrics.jsonl")
     assert [r["step"] for r in metrics] == [1, 2, 3]
     for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "rewards/chosen", "rewards/rejected",
-                "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+                "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "nll_loss"):
         assert key in metrics[0], key
-    # Step 1's loss is measured before any update: policy == reference, so log 2 (up to rounding:
-    # the precomputed reference saw the pairs in other batches, with other prompt padding).
-    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    # Step 1's loss is measured before any update: policy == reference, so the DPO part is log 2 (up to
+    # rounding: the precomputed reference saw the pairs in other batches, with other prompt padding), plus
+    # the default --rpo_alpha 1 times the chosen answers' NLL per token, which is -logps/chosen.
+    assert metrics[0]["nll_loss"] == pytest.approx(-metrics[0]["logps/chosen"], abs=1e-5)
+    assert metrics[0]["nll_loss"] > 0.1
+    assert metrics[0]["loss"] == pytest.approx(math.log(2) + metrics[0]["nll_loss"], abs=1e-5)
     assert metrics[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
     ckpt = torch.load(tmp_path / "ck" / "dpo_32_resume.pth", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["algorithm"] == "dpo" and set(ckpt["model"]) <= {
@@ -83,7 +86,8 @@ def test_tiny_run_saves_lora_only_adapter_and_metrics(tmp_path, small_pairs, sav
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
 
 
-@pytest.mark.parametrize("extra", [["--accumulation_steps", "2"], ["--precompute_ref", "1", "--epochs", "2"]])
+@pytest.mark.parametrize("extra", [["--accumulation_steps", "2"], ["--precompute_ref", "1", "--epochs", "2"],
+                                   ["--loss_type", "simpo", "--epochs", "2"]])
 def test_resume_equals_uninterrupted(tmp_path, small_pairs, save_dir, extra):
     common = ["--learning_rate", "1e-2", *extra]
     straight = main(args_for(tmp_path / "a", small_pairs, save_dir, *common, "--max_steps", "5"))
@@ -102,7 +106,8 @@ def test_loss_variants_and_full_parameter_training_run(tmp_path, small_pairs, sa
         main(args_for(tmp_path / str(i), small_pairs, save_dir, "--max_steps", "1", *extra))
     out = main(args_for(tmp_path / "full", small_pairs, save_dir, "--max_steps", "2", "--use_lora", "0"))
     assert os.path.isfile(os.path.join(out, "model.safetensors"))  # a whole model, reference was a copy
-    assert rows(out + "_metrics.jsonl")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    first = rows(out + "_metrics.jsonl")[0]
+    assert first["loss"] - first["nll_loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
 def make_run(tmp_path, small_pairs, save_dir, *extra):
@@ -184,7 +189,7 @@ def test_from_weight_adapter_is_merged_and_is_the_reference(tmp_path, small_pair
     out = main(args_for(tmp_path, small_pairs, save_dir, "--from_weight", "lora_identity", "--save_dir", save_dir,
                         "--save_weight", "dpo_on_identity", "--max_steps", "1"))
     first = rows(out + "_metrics.jsonl")[0]
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy starts where the reference is
+    assert first["loss"] - first["nll_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
     meta = json.load(open(os.path.join(out, "minialign.json")))
     assert meta["base"] == "lora_identity"
     # --from_weight <this adapter> rebuilds full_sft + lora_identity + dpo.
