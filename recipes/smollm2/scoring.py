@@ -39,7 +39,8 @@ def _scorer(task: str):
     try:
         import reasoning_gym
     except ImportError:
-        raise ImportError("reasoning_gym is not installed: pip install -r recipes/smollm2/requirements.txt (see recipes/smollm2/README.md)") from None
+        raise ImportError("reasoning_gym is not installed: pip install -r recipes/smollm2/requirements.txt "
+                          "(see recipes/smollm2/README.md)") from None
     return reasoning_gym.get_score_answer_fn(task)
 
 
