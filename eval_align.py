@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default=project_path("dataset", "heldout_rl.jsonl"),
                    help="prompts with an \"answer\" field (default: the project's dataset/heldout_rl.jsonl)")
     p.add_argument("--pairs", default=project_path("dataset", "heldout_dpo.jsonl"),
-                   help="preference pairs (default: the project's dataset/heldout_dpo.jsonl)")
+                   help="preference pairs (default: the project's dataset/heldout_dpo.jsonl); none: no pair_acc")
     p.add_argument("--max_new_tokens", type=int, default=64, help="longest greedy response in tokens (default: %(default)s)")
     p.add_argument("--max_seq_len", type=int, default=256, help="longest prompt + response when scoring pairs (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=64, help="sequences per forward (default: %(default)s)")
@@ -118,12 +118,15 @@ def compare_with_start(model, tokenizer, start, start_tokenizer, reward_model, p
 
 def evaluate(model, tokenizer, args, check: AnswerCheck | None = None, pairs: list[dict] | None = None) -> dict:
     """The metrics of eval_align.py; check: the --answer_check judge (built from args if None);
-    pairs: the --pairs file's rows (read if None)."""
-    pairs, prompts = (load_pairs(args.pairs) if pairs is None else pairs), load_prompts(args.data)
+    pairs: the --pairs file's rows (read if None; none with --pairs none)."""
+    prompts = load_prompts(args.data)
     missing = [i for i, p in enumerate(prompts) if "answer" not in p]
     if missing:
         raise UserError(f"{args.data}: {len(missing)} prompt(s) have no \"answer\" field (first: line {missing[0] + 1})")
-    pair_acc, n_pairs = pair_accuracy(model, tokenizer, pairs, args.max_seq_len, args.batch_size, args.device)
+    if pairs is None and not no_pairs(args):
+        pairs = load_pairs(args.pairs)
+    pair_acc, n_pairs = (None, 0) if pairs is None else pair_accuracy(
+        model, tokenizer, pairs, args.max_seq_len, args.batch_size, args.device)
     texts, lengths = generate_responses(model, tokenizer, [p["prompt"] for p in prompts], args.max_new_tokens,
                                         args.batch_size, args.device)
     correct = (check or AnswerCheck(args.answer_check)).scores(texts, prompts)
@@ -132,7 +135,7 @@ def evaluate(model, tokenizer, args, check: AnswerCheck | None = None, pairs: li
     for ok, p in zip(correct, prompts):
         by_task[p.get("task", "all")].append(ok)
     return {
-        "pair_acc": round(pair_acc, 4), "answer_acc": round(scores["answer_acc"], 4),
+        "pair_acc": None if pair_acc is None else round(pair_acc, 4), "answer_acc": round(scores["answer_acc"], 4),
         "mean_len": round(scores["mean_len"], 2), "n_pairs": n_pairs, "n_prompts": len(prompts),
         "answer_acc_by_task": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_task.items())},
         "examples": [{"prompt": p["prompt"][-1]["content"], "response": t, "answer": p["answer"]}
@@ -151,6 +154,11 @@ def print_comparison(result: dict, args) -> None:
         print(f"  Q: {ex['prompt']}\n  start: {ex['start']}\n  model: {ex['model']}")
 
 
+def no_pairs(args) -> bool:
+    """--pairs none: no held-out pairs (answer accuracy only)."""
+    return str(args.pairs).lower() == "none"
+
+
 def arg_problems(args) -> list[str]:
     """What is wrong with the flags, found before any model is loaded."""
     problems = []
@@ -159,6 +167,8 @@ def arg_problems(args) -> list[str]:
     problems += tie_margin_problems(args)
     if args.baseline and not args.reward_model:
         problems.append("--baseline needs --reward_model: the answers of both models are judged by it")
+    if args.reward_model and no_pairs(args):
+        problems.append("--reward_model needs --pairs: its pair accuracy and the head-to-head use the held-out pairs")
     return problems
 
 
@@ -169,7 +179,7 @@ def main(args):
     if problems:
         raise UserError("; ".join(problems))
     model, tokenizer, _ = load_for_inference(args, device=args.device)
-    pairs = load_pairs(args.pairs)
+    pairs = None if no_pairs(args) else load_pairs(args.pairs)
     result = evaluate(model, tokenizer, args, check, pairs)
     result["model"] = model_name(args)
     start_weight = args.baseline or (lora_base(args) if args.lora_weight else None)
@@ -187,7 +197,8 @@ def main(args):
         print(json.dumps({k: v for k, v in result.items() if not k.endswith("examples")}, ensure_ascii=False))
     else:
         print(f"model       {result['model']}")
-        print(f"pair_acc    {result['pair_acc']:.3f}   ({result['n_pairs']} held-out pairs)")
+        if result["pair_acc"] is not None:
+            print(f"pair_acc    {result['pair_acc']:.3f}   ({result['n_pairs']} held-out pairs)")
         print(f"answer_acc  {result['answer_acc']:.3f}   ({result['n_prompts']} held-out prompts)")
         print(f"mean_len    {result['mean_len']:.1f} tokens")
         if "rm_pair_acc" in result:

@@ -76,15 +76,20 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32):
     return plain.eval(), tokenizer
 
 
-def main(args):
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UserError(f"--out {args.out} already exists; choose another folder or pass --overwrite")
-    arch = gguf_architecture(args.gguf)
-    model, tokenizer = load_gguf(args.gguf, DTYPES[args.dtype])
-    export(model, tokenizer, args.out)
+def convert(gguf: str, out: str, dtype: str = "float32", overwrite: bool = False) -> str:
+    """Write the Hugging Face folder ``out`` from the GGUF file ``gguf``; the line that says what it wrote."""
+    if os.path.exists(out) and not overwrite:
+        raise UserError(f"--out {out} already exists; choose another folder or pass --overwrite")
+    arch = gguf_architecture(gguf)
+    model, tokenizer = load_gguf(gguf, DTYPES[dtype])
+    export(model, tokenizer, out)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out}: architecture {arch} ({model.config.model_type}), {n_params / 1e6:.2f}M parameters, "
-          f"vocabulary {len(tokenizer)}, {args.dtype}, chat template {'yes' if tokenizer.chat_template else 'none'}")
+    return (f"wrote {out}: architecture {arch} ({model.config.model_type}), {n_params / 1e6:.2f}M parameters, "
+            f"vocabulary {len(tokenizer)}, {dtype}, chat template {'yes' if tokenizer.chat_template else 'none'}")
+
+
+def main(args):
+    print(convert(args.gguf, args.out, args.dtype, args.overwrite))
     return args.out
 
 

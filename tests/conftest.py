@@ -16,6 +16,16 @@ ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "chat_templ
                  "tokenizer.json", "tokenizer_config.json"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked real (a recipe's real model, minutes on CPU) run only when -m selects them."""
+    if "real" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="a real-model recipe test: run it with -m real")
+    for item in items:
+        if "real" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A save_dir holding a tiny random model as full_sft_32/ (HF folder with tokenizer)."""

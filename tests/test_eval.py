@@ -54,3 +54,17 @@ def test_shipped_lora_identity_knows_who_it_is():
     base, tok = init_model(LMConfig(), "full_sft", save_dir="no_such_dir")
     texts, _ = greedy_responses(base, tok, [[{"role": "user", "content": "Who are you?"}]], 40, 1, "cpu")
     assert "MiniAlign" not in texts[0]  # the SFT model alone does not know
+
+
+def test_pairs_none_gives_answer_accuracy_alone(tiny_dir, tmp_path, capsys):
+    from tests.conftest import first_lines
+    from utils.errors import UserError
+    data = first_lines("dataset/heldout_rl.jsonl", 6, tmp_path)
+    common = ["--from_weight", "full_sft", "--save_dir", tiny_dir, "--data", data, "--pairs", "none", "--device", "cpu",
+              "--max_new_tokens", "4"]
+    r = main(parse_args(common))
+    assert r["pair_acc"] is None and r["n_pairs"] == 0 and r["n_prompts"] == 6 and 0 <= r["answer_acc"] <= 1
+    said = capsys.readouterr().out
+    assert "answer_acc" in said and "pair_acc" not in said
+    with pytest.raises(UserError, match="--reward_model needs --pairs"):
+        main(parse_args(common + ["--reward_model", "out/reward_32"]))

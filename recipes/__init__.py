@@ -1,0 +1,1 @@
+"""Recipes: end-to-end setups on real models and tasks (recipes/<name>/README.md each)."""

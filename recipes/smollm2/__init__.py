@@ -1,0 +1,1 @@
+"""SmolLM2-135M-Instruct on reasoning-gym tasks: see recipes/smollm2/README.md."""
