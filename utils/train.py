@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import LMConfig, apply_lora, init_model, save_lora, weight_name
 from model.export import export
-from model.loading import disable_dropout
+from model.loading import SHIPPED_DIR, disable_dropout, is_demo_tokenizer
 from model.lora import adapters_disabled, trainable_parameters
 from model.minimind import RouterLogits, moe_aux_loss
 from model.value_head import HEAD_FILE, ActorCritic, ValueHeadModel
@@ -54,7 +54,7 @@ def validate_common_args(args) -> None:
                  "max_bad_steps", "keep_checkpoints"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    if args.learning_rate <= 0:
+    if args.learning_rate is not None and args.learning_rate <= 0:
         problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
     for name in ("max_steps", "stop_after_steps"):
         if getattr(args, name) < 0:
@@ -66,6 +66,27 @@ def validate_common_args(args) -> None:
     problems += eval_arg_problems(args)
     if problems:
         raise UserError("; ".join(problems))
+
+
+def choose_learning_rate(args, source, tokenizer) -> None:
+    """--learning_rate when it was not given (None): the script's demo value on the demo's weights
+    (the shipped ones, random init, or any that use the demo tokenizer, such as your own demo runs),
+    tuned so the 2M-parameter demo learns in minutes; its real-model value on any other weights,
+    measured on SmolLM2-135M-Instruct (recipes/smollm2), where the demo value makes the policy drift.
+    Prints which and why."""
+    if args.learning_rate is not None or not hasattr(args, "real_learning_rate"):
+        return
+    demo, real = args.demo_learning_rate, args.real_learning_rate
+    if source.kind == "none":
+        args.learning_rate, why = demo, "the demo's value, for a randomly initialised model (--from_weight none)"
+    elif source.path and os.path.realpath(source.path).startswith(os.path.realpath(SHIPPED_DIR) + os.sep):
+        args.learning_rate, why = demo, "the demo's value, for the shipped demo weights"
+    elif is_demo_tokenizer(tokenizer):
+        args.learning_rate, why = demo, "the demo's value, for weights on the demo tokenizer"
+    else:
+        args.learning_rate, why = real, "the real-model value, for weights that are not the demo's"
+    print0(f"--learning_rate {args.learning_rate:g}: {why} (the demo's is {demo:g}, a real model's {real:g}; "
+           f"pass --learning_rate to choose)")
 
 
 class DataOrder:
@@ -173,6 +194,7 @@ class Run:
                                            save_dir=args.save_dir, tokenizer_path=args.tokenizer_path,
                                            eos_token=args.eos_token, base_weight=args.base_weight)
         source = model.weight_source
+        choose_learning_rate(args, source, self.tokenizer)
         if args.disable_dropout and disable_dropout(model):
             print0("dropout of the model set to 0 for the run (--disable_dropout 0 keeps it)")
         # The reference is the start weights, frozen: a copy taken before any adapter goes in.

