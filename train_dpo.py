@@ -53,8 +53,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="DPO on preference pairs, with LoRA and a frozen reference.")
     add_common_args(parser, save_weight="dpo", data_path="dataset/dpo.jsonl", epochs=2, batch_size=16,
                     learning_rate=3e-4, real_learning_rate=1e-4, max_seq_len=1024, from_weight="full_sft",
-                    log_interval=10,
-                    save_interval=100, use_lora=1)
+                    log_interval=10, save_interval=100, use_lora=1)
     g = parser.add_argument_group("DPO")
     g.add_argument("--beta", type=float, default=None,
                    help="strength of the pull towards the reference (default: 5 with --logp_reduce mean, 0.1 with sum)")

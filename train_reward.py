@@ -29,8 +29,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Bradley-Terry reward model on preference pairs (LoRA + scalar head).")
     add_common_args(parser, save_weight="reward", data_path="dataset/dpo.jsonl", epochs=2, batch_size=16,
                     learning_rate=1e-3, real_learning_rate=1e-4, max_seq_len=1024, from_weight="full_sft",
-                    log_interval=10,
-                    save_interval=100, use_lora=1)
+                    log_interval=10, save_interval=100, use_lora=1)
     g = parser.add_argument_group("reward model")
     g.add_argument("--margin", type=int, choices=[0, 1], default=0,
                    help='1: subtract each pair\'s "margin" field from the reward gap (Llama 2\'s margin loss) (default: 0)')

@@ -128,6 +128,18 @@ def is_demo_tokenizer(tokenizer) -> bool:
     return tokenizer.get_vocab() == _shipped_vocab()
 
 
+def demo_weights(source: WeightSource, tokenizer) -> str | None:
+    """Why the weights ``source`` (loaded with ``tokenizer``) are the demo's: random init, the
+    shipped ones, or any on the demo tokenizer (your own demo runs); None when they are not."""
+    if source.kind == "none":
+        return "a randomly initialised model (--from_weight none)"
+    if source.path and _inside(source.path, SHIPPED_DIR):
+        return "the shipped demo weights"
+    if is_demo_tokenizer(tokenizer):
+        return "weights on the demo tokenizer"
+    return None
+
+
 def check_vocab(tokenizer, rows: int, weights: str, folder: str, own: bool = False) -> None:
     """Refuse a tokenizer that cannot go with an embedding of ``rows`` rows: one with ids past the
     embedding, or, unless it is the weights' ``own`` (a published model pads its embedding to a
@@ -136,7 +148,7 @@ def check_vocab(tokenizer, rows: int, weights: str, folder: str, own: bool = Fal
     if len(tokenizer) > rows:
         raise UserError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but {weights} has an embedding of "
                         f"{rows} rows; pass --tokenizer_path of the tokenizer these weights were trained with")
-    if not own and rows > shipped_rows() and tokenizer.get_vocab() == _shipped_vocab():
+    if not own and rows > shipped_rows() and is_demo_tokenizer(tokenizer):
         raise UserError(f"{weights} has a {rows}-token vocabulary but the tokenizer in {folder} is the shipped "
                         f"{len(tokenizer)}-token demo one; pass --tokenizer_path of the tokenizer these weights "
                         f"were trained with, e.g. MiniMind's model/")

@@ -127,8 +127,9 @@ def add_lora_weight_arg(parser) -> None:
 
 def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_path: str,
                     epochs: int = 1, batch_size: int = 16, learning_rate: float = 1e-4,
-                    real_learning_rate: float | None = None, max_seq_len: int = 256, from_weight: str = "full_sft", log_interval: int = 10,
-                    save_interval: int = 100, use_lora: int = 1) -> None:
+                    real_learning_rate: float | None = None, max_seq_len: int = 256,
+                    from_weight: str = "full_sft", log_interval: int = 10, save_interval: int = 100,
+                    use_lora: int = 1) -> None:
     g = parser.add_argument_group("data and model")
     g.add_argument("--data_path", default=project_path(data_path),
                    help=f"training data, JSON lines (default: the project's {data_path})")

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import LMConfig, apply_lora, init_model, save_lora, weight_name
 from model.export import export
-from model.loading import SHIPPED_DIR, disable_dropout, is_demo_tokenizer
+from model.loading import demo_weights, disable_dropout
 from model.lora import adapters_disabled, trainable_parameters
 from model.minimind import RouterLogits, moe_aux_loss
 from model.value_head import HEAD_FILE, ActorCritic, ValueHeadModel
@@ -70,22 +70,16 @@ def validate_common_args(args) -> None:
 
 def choose_learning_rate(args, source, tokenizer) -> None:
     """--learning_rate when it was not given (None): the script's demo value on the demo's weights
-    (the shipped ones, random init, or any that use the demo tokenizer, such as your own demo runs),
-    tuned so the 2M-parameter demo learns in minutes; its real-model value on any other weights,
-    measured on SmolLM2-135M-Instruct (recipes/smollm2), where the demo value makes the policy drift.
-    Prints which and why."""
-    if args.learning_rate is not None or not hasattr(args, "real_learning_rate"):
+    (model.loading.demo_weights), tuned so the 2M-parameter demo learns in minutes; its real-model
+    value on any other weights, measured on SmolLM2-135M-Instruct (recipes/smollm2), where the
+    demo value makes the policy drift. Prints which and why."""
+    if args.learning_rate is not None:
         return
     demo, real = args.demo_learning_rate, args.real_learning_rate
-    if source.kind == "none":
-        args.learning_rate, why = demo, "the demo's value, for a randomly initialised model (--from_weight none)"
-    elif source.path and os.path.realpath(source.path).startswith(os.path.realpath(SHIPPED_DIR) + os.sep):
-        args.learning_rate, why = demo, "the demo's value, for the shipped demo weights"
-    elif is_demo_tokenizer(tokenizer):
-        args.learning_rate, why = demo, "the demo's value, for weights on the demo tokenizer"
-    else:
-        args.learning_rate, why = real, "the real-model value, for weights that are not the demo's"
-    print0(f"--learning_rate {args.learning_rate:g}: {why} (the demo's is {demo:g}, a real model's {real:g}; "
+    why = demo_weights(source, tokenizer)
+    args.learning_rate = demo if why else real
+    said = f"the demo's value, for {why}" if why else "the real-model value, for weights that are not the demo's"
+    print0(f"--learning_rate {args.learning_rate:g}: {said} (the demo's is {demo:g}, a real model's {real:g}; "
            f"pass --learning_rate to choose)")
 
 
