@@ -256,7 +256,7 @@ def make_ppo_step(run, order, prompts: list[dict], prompt_ids: list[list[int]], 
         old_logps, old_values, ref_logps = (torch.zeros(mask.shape, device=dev) for _ in range(3))
         for start in range(0, N, micro):
             idx = perms[0][start:start + micro].to(dev)
-            with run.autocast():
+            with torch.no_grad(), run.autocast():      # no graph: these are constants of the loss
                 logps, values, _ = run.base_model(seqs[idx], am[idx], first, args.temperature)
             old_logps[idx], old_values[idx] = logps.detach().float(), values.detach().float()
             if args.kl_coef > 0:
