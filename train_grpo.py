@@ -37,7 +37,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="The chapter's reward-free GRPO: group-relative self log-probability.")
     add_common_args(parser, save_weight="grpo", data_path="dataset/rl.jsonl", epochs=1, batch_size=16,
                     learning_rate=1e-3, real_learning_rate=5e-5, max_seq_len=256, from_weight="full_sft",
-                    log_interval=10, save_interval=50, use_lora=1)
+                    log_interval=10, save_interval=50, use_lora=1,
+                    real_micro_batch=64)
     add_rollout_args(parser, num_generations=8, max_gen_len=48)
     add_reward_args(parser, reward_funcs="")
     add_group_args(parser, beta=0.1, loss_type="seed_sum")

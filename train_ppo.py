@@ -36,7 +36,8 @@ def parse_args(argv=None):
                                                  "KL penalty to the frozen reference.")
     add_common_args(parser, save_weight="ppo_actor", data_path="dataset/rl.jsonl", epochs=1, batch_size=16,
                     learning_rate=3e-3, real_learning_rate=5e-5, max_seq_len=256, from_weight="full_sft",
-                    log_interval=10, save_interval=50, use_lora=1)
+                    log_interval=10, save_interval=50, use_lora=1,
+                    real_micro_batch=8)
     add_rollout_args(parser, num_generations=4, max_gen_len=48)
     add_reward_args(parser, reward_funcs="accuracy")
     add_ppo_args(parser)

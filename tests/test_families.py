@@ -175,13 +175,13 @@ def test_dropout_is_off_so_policy_and_reference_agree_at_step_0(zoo, tmp_path):
 
 
 def test_the_default_learning_rate_is_the_demos_on_demo_weights_and_the_real_value_elsewhere(zoo, tiny_dir, capsys):
-    from model.loading import SHIPPED_DIR, WeightSource, load_tokenizer
+    from model.loading import SHIPPED_DIR, WeightSource, demo_weights, load_tokenizer
     from utils.train import choose_learning_rate
     for script, demo, real in ((train_dpo, 3e-4, 1e-4), (train_gpo, 2e-3, 5e-5), (train_grpo, 1e-3, 5e-5),
                                (train_ppo, 3e-3, 5e-5), (train_reward, 1e-3, 1e-4)):
         def chosen(source, tokenizer, *extra):
             args = script.parse_args(list(extra))
-            choose_learning_rate(args, source, tokenizer)
+            choose_learning_rate(args, demo_weights(source, tokenizer))
             return args.learning_rate, capsys.readouterr().out
         shipped_tok = load_tokenizer()
         lr, said = chosen(WeightSource("none"), shipped_tok)
@@ -197,3 +197,29 @@ def test_the_default_learning_rate_is_the_demos_on_demo_weights_and_the_real_val
         lr, said = chosen(WeightSource("hf", zoo[0]["llama"]), tok, "--learning_rate", "7e-6")
         assert lr == 7e-6 and said == ""
     assert train_sft.parse_args([]).learning_rate == 2e-3     # SFT has one default
+
+
+def test_rl_scripts_cut_a_real_models_step_into_small_forwards(capsys):
+    """--accumulation_steps left out: 1 on the demo's weights; on others the fewest micro-batches
+    of at most the script's cap (PPO 8, GPO and GRPO 64), whole groups where possible."""
+    from utils.rl import choose_micro_batches
+
+    def chosen(script, why, *extra):
+        args = script.parse_args(list(extra))
+        choose_micro_batches(args, why)
+        return args.accumulation_steps, capsys.readouterr().out
+    for script in (train_ppo, train_gpo, train_grpo):
+        assert chosen(script, "the shipped demo weights") == (1, "")
+        assert chosen(script, None, "--accumulation_steps", "2") == (2, "")
+        assert chosen(script, "weights on the demo tokenizer", "--accumulation_steps", "4") == (4, "")
+    steps, said = chosen(train_ppo, None)                       # 16 prompts x 4 samples
+    assert steps == 8 and "forwards of 8 of the 64 samples" in said and "pass --accumulation_steps" in said
+    assert chosen(train_ppo, None, "--mini_batch_size", "16")[0] == 2
+    assert chosen(train_ppo, None, "--batch_size", "3")[0] == 3            # 12 samples: 3 forwards of one group of 4
+    assert chosen(train_ppo, None, "--batch_size", "2")[0] == 1            # 8 samples fit in one
+    assert chosen(train_ppo, None, "--batch_size", "5", "--num_generations", "3")[0] == 5   # 15: a group of 3 each
+    assert chosen(train_ppo, None, "--batch_size", "2", "--num_generations", "9")[0] == 3   # 18: no group fits, 6 each
+    for script in (train_gpo, train_grpo):                       # 16 prompts x 8 samples
+        steps, said = chosen(script, None)
+        assert steps == 2 and "forwards of 64 of the 128 samples" in said
+        assert chosen(script, None, "--batch_size", "8")[0] == 1

@@ -125,11 +125,22 @@ def add_lora_weight_arg(parser) -> None:
                              "up beside it first); its own tokenizer goes first")
 
 
+def weight_dependent(group, flag: str, kind, default, what: str, chosen_help: str | None) -> None:
+    """``flag`` with ``default``; with ``chosen_help``, default None instead, which the script
+    replaces with a value for the weights it loads."""
+    group.add_argument(flag, type=kind, default=None if chosen_help else default,
+                       help=chosen_help or f"{what} (default: %(default)s)")
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_path: str,
                     epochs: int = 1, batch_size: int = 16, learning_rate: float = 1e-4,
                     real_learning_rate: float | None = None, max_seq_len: int = 256,
                     from_weight: str = "full_sft", log_interval: int = 10, save_interval: int = 100,
-                    use_lora: int = 1) -> None:
+                    use_lora: int = 1, real_micro_batch: int | None = None) -> None:
+    """The flags every training script shares. With ``real_learning_rate`` (the alignment
+    scripts), --learning_rate left out is chosen once the weights are known
+    (utils.train.choose_learning_rate); with ``real_micro_batch`` (the RL scripts), so is
+    --accumulation_steps (utils.rl.choose_micro_batches)."""
     g = parser.add_argument_group("data and model")
     g.add_argument("--data_path", default=project_path(data_path),
                    help=f"training data, JSON lines (default: the project's {data_path})")
@@ -141,17 +152,20 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs, help="passes over the data (default: %(default)s)")
     g.add_argument("--batch_size", type=int, default=batch_size, help="examples per step and process (default: %(default)s)")
-    if real_learning_rate is None:
-        g.add_argument("--learning_rate", type=float, default=learning_rate,
-                       help="peak learning rate (default: %(default)s)")
-    else:   # chosen once the weights are known: utils.train.choose_learning_rate
-        g.add_argument("--learning_rate", type=float, default=None,
-                       help=f"peak learning rate (default: {learning_rate:g} on the demo's weights: the shipped ones, "
-                            f"--from_weight none, or any on the demo tokenizer; {real_learning_rate:g} on any other "
-                            f"weights, e.g. a pretrained model or a MiniMind checkpoint)")
+    # Left out, these two are chosen once the weights are known (utils.train.choose_learning_rate,
+    # utils.rl.choose_micro_batches) in the scripts that give a real-model value.
+    weight_dependent(g, "--learning_rate", float, learning_rate, "peak learning rate", real_learning_rate and (
+        f"peak learning rate (default: {learning_rate:g} on the demo's weights: the shipped ones, --from_weight "
+        f"none, or any on the demo tokenizer; {real_learning_rate:g} on any other weights, e.g. a pretrained model "
+        f"or a MiniMind checkpoint)"))
+    if real_learning_rate is not None:
         parser.set_defaults(demo_learning_rate=learning_rate, real_learning_rate=real_learning_rate)
-    g.add_argument("--accumulation_steps", type=int, default=1,
-                   help="micro-batches per optimizer step (default: %(default)s)")
+    weight_dependent(g, "--accumulation_steps", int, 1, "micro-batches per optimizer step", real_micro_batch and (
+        f"micro-batches each mini-batch of samples is cut into, one forward and backward each, the gradients "
+        f"summed into one update (default: 1 on the demo's weights; on any other weights the fewest that keep a "
+        f"forward to at most {real_micro_batch} sequences)"))
+    if real_micro_batch is not None:
+        parser.set_defaults(real_micro_batch=real_micro_batch)
     g.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping, 0 to turn off (default: %(default)s)")
     g.add_argument("--max_steps", type=int, default=0,
                    help="the run's length in optimizer steps (at most what --epochs give): the cosine learning "

@@ -12,6 +12,7 @@ import torch
 
 from utils.checkpoint import OLD_LOSS_AGG   # --loss_agg, the old spelling of --loss_type
 from utils.logprobs import chunked_grouped_logprobs, grouped_token_logprobs, masked_reduce
+from utils.runtime import print0
 
 ADV_EPS = 1e-4
 # --loss_type of the group scripts (utils.rl.policy_loss); PPO takes the aggregations only.
@@ -310,7 +311,7 @@ def update_arg_problems(args) -> list[str]:
         problems.append(f"--mini_batch_size must divide the {n} samples of a step (--batch_size x --num_generations), "
                         f"or be 0 (got {args.mini_batch_size})")
     mb = args.mini_batch_size or n
-    if mb % args.accumulation_steps:
+    if args.accumulation_steps is not None and mb % args.accumulation_steps:
         problems.append(f"--accumulation_steps {args.accumulation_steps} must divide the {mb} samples of a mini-batch")
     if args.debug_interval < 1:
         problems.append("--debug_interval must be at least 1")
@@ -333,12 +334,35 @@ def check_rl_args(args, algorithm_problems=group_arg_problems) -> None:
         raise UserError("; ".join(problems))
 
 
+def choose_micro_batches(args, demo_weights: str | None) -> None:
+    """--accumulation_steps when it was not given (None): 1 on the demo's weights (``demo_weights``
+    says why they are; see model.loading.demo_weights); on any other weights the fewest
+    micro-batches that keep a forward to at most ``args.real_micro_batch`` sequences, whole groups
+    of --num_generations where that is possible, printed. The scripts' default steps hold 64-128
+    samples: in one forward with its graph, on a 135M-parameter model, GPO's took 15 GB and PPO's
+    (two forwards, policy and critic) more than 24 GB. The update is the same: every micro-batch's
+    loss is normalised over the whole mini-batch (step_normalisers)."""
+    if args.accumulation_steps is not None:
+        return
+    if demo_weights:
+        args.accumulation_steps = 1
+        return
+    G, cap = args.num_generations, args.real_micro_batch
+    mb = args.mini_batch_size or args.batch_size * G
+    fits = [d for d in range(1, mb + 1) if mb % d == 0 and mb // d <= cap]
+    args.accumulation_steps = next((d for d in fits if (mb // d) % G == 0), fits[0])
+    print0(f"--accumulation_steps {args.accumulation_steps}: forwards of {mb // args.accumulation_steps} of the "
+           f"{mb} samples of a mini-batch, for weights that are not the demo's (at most {cap} a forward there; "
+           f"the demo's 1; pass --accumulation_steps to choose)")
+
+
 def start_rl_run(args, algorithm: str, prompts: list[dict], wrap=None):
     """(run, order, prompt_ids, engine) of an RL run: the policy with LoRA and its reference
     (``wrap``: see utils.train.Run), the prompts tokenized once, their seeded order, the sampler."""
     from utils.rollout import HFRolloutEngine
     from utils.train import DataOrder, Run
     run = Run(args, algorithm, reference="shared" if args.use_lora else "copy", wrap=wrap)
+    choose_micro_batches(args, run.demo_weights)
     prompt_ids = encode_prompts(run.tokenizer, prompts, args.max_seq_len - args.max_gen_len, args.thinking_ratio,
                                 args.seed)
     order = DataOrder(len(prompts), args.batch_size, args.epochs, 1, args.seed, run.dist, what="prompts")

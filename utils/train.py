@@ -52,7 +52,7 @@ def validate_common_args(args) -> None:
     problems = []
     for name in ("batch_size", "accumulation_steps", "epochs", "log_interval", "save_interval", "max_seq_len",
                  "max_bad_steps", "keep_checkpoints"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:     # None: chosen with the weights
             problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.learning_rate is not None and args.learning_rate <= 0:
         problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
@@ -68,15 +68,15 @@ def validate_common_args(args) -> None:
         raise UserError("; ".join(problems))
 
 
-def choose_learning_rate(args, source, tokenizer) -> None:
+def choose_learning_rate(args, why: str | None) -> None:
     """--learning_rate when it was not given (None): the script's demo value on the demo's weights
-    (model.loading.demo_weights), tuned so the 2M-parameter demo learns in minutes; its real-model
-    value on any other weights, measured on SmolLM2-135M-Instruct (recipes/smollm2), where the
-    demo value makes the policy drift. Prints which and why."""
+    (``why`` they are: model.loading.demo_weights), tuned so the 2M-parameter demo learns in
+    minutes; its real-model value on any other weights (``why`` None), measured on
+    SmolLM2-135M-Instruct (recipes/smollm2), where the demo value makes the policy drift. Prints
+    which and why."""
     if args.learning_rate is not None:
         return
     demo, real = args.demo_learning_rate, args.real_learning_rate
-    why = demo_weights(source, tokenizer)
     args.learning_rate = demo if why else real
     said = f"the demo's value, for {why}" if why else "the real-model value, for weights that are not the demo's"
     print0(f"--learning_rate {args.learning_rate:g}: {said} (the demo's is {demo:g}, a real model's {real:g}; "
@@ -188,7 +188,8 @@ class Run:
                                            save_dir=args.save_dir, tokenizer_path=args.tokenizer_path,
                                            eos_token=args.eos_token, base_weight=args.base_weight)
         source = model.weight_source
-        choose_learning_rate(args, source, self.tokenizer)
+        self.demo_weights = demo_weights(source, self.tokenizer)     # why they are the demo's; None: a real model's
+        choose_learning_rate(args, self.demo_weights)
         if args.disable_dropout and disable_dropout(model):
             print0("dropout of the model set to 0 for the run (--disable_dropout 0 keeps it)")
         # The reference is the start weights, frozen: a copy taken before any adapter goes in.
