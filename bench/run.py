@@ -136,6 +136,7 @@ def ours_group(a, data: str, tmp: str):
                               "--num_generations", str(a.num_generations), "--max_gen_len", str(a.max_gen_len),
                               "--device", a.device, "--learning_rate", str(a.learning_rate), "--save_dir", tmp,
                               "--checkpoint_dir", tmp, "--dtype", "bfloat16", "--beta", "0.02",
+                              "--accumulation_steps", "1",                       # the whole step in one forward, as TRL's
                               "--max_seq_len", str(max(256, 2 * a.prompt_len + a.max_gen_len)), *extra])
     return timed_steps(module.build(args))
 
@@ -409,7 +410,8 @@ def ppo_memory(a) -> dict:
     spec.loader.exec_module(pm)
     common = ["--batch_size", str(a.batch_size), "--from_weight", a.model]
     dpo = pm.peak("train_dpo.py", common, a.steps + a.warmup, a.device)["peak_mem_gb"]
-    ppo = pm.peak("train_ppo.py", common + ["--num_generations", "1", "--max_gen_len", str(a.max_gen_len)],
+    ppo = pm.peak("train_ppo.py", common + ["--num_generations", "1", "--max_gen_len", str(a.max_gen_len),
+                                            "--accumulation_steps", "1"],             # the whole batch, as DPO's
                   a.steps + a.warmup, a.device)["peak_mem_gb"]
     return {"algo": "ppo", "model": a.model, "device": a.device, "batch_size": a.batch_size,
             "dpo_peak_mb": dpo * 1024, "ppo_peak_mb": ppo * 1024, "ppo_over_dpo": ppo / dpo}

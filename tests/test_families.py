@@ -199,14 +199,15 @@ def test_the_default_learning_rate_is_the_demos_on_demo_weights_and_the_real_val
     assert train_sft.parse_args([]).learning_rate == 2e-3     # SFT has one default
 
 
-def test_rl_scripts_cut_a_real_models_step_into_small_forwards(capsys):
+def test_rl_scripts_cut_a_real_models_step_into_small_forwards(zoo, tmp_path, capsys):
     """--accumulation_steps left out: 1 on the demo's weights; on others the fewest micro-batches
-    of at most the script's cap (PPO 8, GPO and GRPO 64), whole groups where possible."""
+    of at most the script's cap (PPO 8, GPO and GRPO 64; the group scripts whole groups where
+    possible), printed when it cuts; chosen by the run itself, before its first step."""
     from utils.rl import choose_micro_batches
 
-    def chosen(script, why, *extra):
+    def chosen(script, why, *extra, group=1):
         args = script.parse_args(list(extra))
-        choose_micro_batches(args, why)
+        choose_micro_batches(args, why, group)
         return args.accumulation_steps, capsys.readouterr().out
     for script in (train_ppo, train_gpo, train_grpo):
         assert chosen(script, "the shipped demo weights") == (1, "")
@@ -214,12 +215,25 @@ def test_rl_scripts_cut_a_real_models_step_into_small_forwards(capsys):
         assert chosen(script, "weights on the demo tokenizer", "--accumulation_steps", "4") == (4, "")
     steps, said = chosen(train_ppo, None)                       # 16 prompts x 4 samples
     assert steps == 8 and "forwards of 8 of the 64 samples" in said and "pass --accumulation_steps" in said
+    assert "bnpo" not in said and "bnpo" in chosen(train_ppo, None, "--loss_type", "bnpo")[1]
     assert chosen(train_ppo, None, "--mini_batch_size", "16")[0] == 2
-    assert chosen(train_ppo, None, "--batch_size", "3")[0] == 3            # 12 samples: 3 forwards of one group of 4
-    assert chosen(train_ppo, None, "--batch_size", "2")[0] == 1            # 8 samples fit in one
-    assert chosen(train_ppo, None, "--batch_size", "5", "--num_generations", "3")[0] == 5   # 15: a group of 3 each
-    assert chosen(train_ppo, None, "--batch_size", "2", "--num_generations", "9")[0] == 3   # 18: no group fits, 6 each
+    assert chosen(train_ppo, None, "--batch_size", "3")[0] == 2            # 12 samples: 2 forwards of 6
+    assert chosen(train_ppo, None, "--batch_size", "2") == (1, "")         # 8 samples fit in one: nothing said
+    assert chosen(train_ppo, None, "--batch_size", "5", "--num_generations", "3")[0] == 3   # 15: 3 of 5
     for script in (train_gpo, train_grpo):                       # 16 prompts x 8 samples
-        steps, said = chosen(script, None)
+        steps, said = chosen(script, None, group=8)
         assert steps == 2 and "forwards of 64 of the 128 samples" in said
-        assert chosen(script, None, "--batch_size", "8")[0] == 1
+        assert chosen(script, None, "--batch_size", "8", group=8)[0] == 1
+        # 5 prompts x 16: the fewest is 2 forwards of 40, but only 5 forwards of 16 keep whole groups
+        assert chosen(script, None, "--batch_size", "5", "--num_generations", "16", group=16)[0] == 5
+        assert chosen(script, None, "--batch_size", "5", "--num_generations", "16", group=1)[0] == 2
+
+    paths, data = zoo                                            # the run chooses it, on a family's own weights
+    args = train_ppo.parse_args(["--from_weight", paths["llama"], "--data_path", data["rl"], "--save_dir",
+                                 str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ck"), "--max_steps", "1",
+                                 "--batch_size", "4", "--num_generations", "3", "--max_gen_len", "6", "--device",
+                                 "cpu", "--log_interval", "1"])
+    train_ppo.main(args)
+    assert args.accumulation_steps == 2 and "forwards of 6 of the 12 samples" in capsys.readouterr().out
+    line = json.loads(open(tmp_path / "out" / "ppo_actor_32_metrics.jsonl").readline())
+    assert all(torch.isfinite(torch.tensor(v)) for v in line.values() if isinstance(v, float))

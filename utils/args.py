@@ -162,8 +162,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
         parser.set_defaults(demo_learning_rate=learning_rate, real_learning_rate=real_learning_rate)
     weight_dependent(g, "--accumulation_steps", int, 1, "micro-batches per optimizer step", real_micro_batch and (
         f"micro-batches each mini-batch of samples is cut into, one forward and backward each, the gradients "
-        f"summed into one update (default: 1 on the demo's weights; on any other weights the fewest that keep a "
-        f"forward to at most {real_micro_batch} sequences)"))
+        f"summed into one update, the same as uncut except bnpo's per-piece token mean (default: 1 on the demo's "
+        f"weights; on any other weights the fewest that keep a forward to at most {real_micro_batch} sequences)"))
     if real_micro_batch is not None:
         parser.set_defaults(real_micro_batch=real_micro_batch)
     g.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping, 0 to turn off (default: %(default)s)")

@@ -31,6 +31,8 @@ from utils.files import atomic_file
 RESUME_FREE_ARGS = {"from_resume", "device", "log_interval", "save_interval", "use_wandb", "wandb_project",
                     "num_workers", "max_steps", "stop_after_steps", "epochs", "checkpoint_dir", "save_dir",
                     "keep_checkpoints", "max_bad_steps", "merge_for_sampling",
+                    # the scripts' defaults behind a chosen value; the chosen value itself is compared
+                    "demo_learning_rate", "real_learning_rate", "real_micro_batch",
                     # evaluation reads the weights and draws from its own generator: it changes no training
                     "eval_data", "eval_interval", "eval_samples", "eval_max_new_tokens", "save_best", "best_metric"}
 

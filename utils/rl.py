@@ -334,35 +334,40 @@ def check_rl_args(args, algorithm_problems=group_arg_problems) -> None:
         raise UserError("; ".join(problems))
 
 
-def choose_micro_batches(args, demo_weights: str | None) -> None:
+def choose_micro_batches(args, demo_weights: str | None, group: int = 1) -> None:
     """--accumulation_steps when it was not given (None): 1 on the demo's weights (``demo_weights``
     says why they are; see model.loading.demo_weights); on any other weights the fewest
     micro-batches that keep a forward to at most ``args.real_micro_batch`` sequences, whole groups
-    of --num_generations where that is possible, printed. The scripts' default steps hold 64-128
-    samples: in one forward with its graph, on a 135M-parameter model, GPO's took 15 GB and PPO's
-    (two forwards, policy and critic) more than 24 GB. The update is the same: every micro-batch's
-    loss is normalised over the whole mini-batch (step_normalisers)."""
+    of ``group`` rows where that is possible (the group step runs each group's prompt once),
+    printed when it cuts. The scripts' default steps hold 64-128 samples: in one forward with its
+    graph, on a 135M-parameter model, GPO's took 14.5 GiB and PPO's (two forwards, policy and
+    critic) more than 23 GiB. The update is the same, each micro-batch's loss being normalised over
+    the whole mini-batch (step_normalisers), except bnpo's token mean, which is per micro-batch."""
     if args.accumulation_steps is not None:
         return
     if demo_weights:
         args.accumulation_steps = 1
         return
-    G, cap = args.num_generations, args.real_micro_batch
-    mb = args.mini_batch_size or args.batch_size * G
+    cap = args.real_micro_batch
+    mb = args.mini_batch_size or args.batch_size * args.num_generations
     fits = [d for d in range(1, mb + 1) if mb % d == 0 and mb // d <= cap]
-    args.accumulation_steps = next((d for d in fits if (mb // d) % G == 0), fits[0])
-    print0(f"--accumulation_steps {args.accumulation_steps}: forwards of {mb // args.accumulation_steps} of the "
-           f"{mb} samples of a mini-batch, for weights that are not the demo's (at most {cap} a forward there; "
-           f"the demo's 1; pass --accumulation_steps to choose)")
+    args.accumulation_steps = next((d for d in fits if (mb // d) % group == 0), fits[0])
+    if args.accumulation_steps > 1:
+        bnpo = "; --loss_type bnpo takes its token mean in each of them" if args.loss_type == "bnpo" else ""
+        print0(f"--accumulation_steps {args.accumulation_steps}: forwards of {mb // args.accumulation_steps} of the "
+               f"{mb} samples of a mini-batch, for weights that are not the demo's (at most {cap} a forward there; "
+               f"the demo's 1; pass --accumulation_steps to choose){bnpo}")
 
 
-def start_rl_run(args, algorithm: str, prompts: list[dict], wrap=None):
+def start_rl_run(args, algorithm: str, prompts: list[dict], wrap=None, group: int = 1):
     """(run, order, prompt_ids, engine) of an RL run: the policy with LoRA and its reference
-    (``wrap``: see utils.train.Run), the prompts tokenized once, their seeded order, the sampler."""
+    (``wrap``: see utils.train.Run), --accumulation_steps chosen if not given (micro-batches of
+    whole groups of ``group`` rows where possible), the prompts tokenized once, their seeded
+    order, the sampler."""
     from utils.rollout import HFRolloutEngine
     from utils.train import DataOrder, Run
     run = Run(args, algorithm, reference="shared" if args.use_lora else "copy", wrap=wrap)
-    choose_micro_batches(args, run.demo_weights)
+    choose_micro_batches(args, run.demo_weights, group)
     prompt_ids = encode_prompts(run.tokenizer, prompts, args.max_seq_len - args.max_gen_len, args.thinking_ratio,
                                 args.seed)
     order = DataOrder(len(prompts), args.batch_size, args.epochs, 1, args.seed, run.dist, what="prompts")
@@ -375,7 +380,7 @@ def start_rl_run(args, algorithm: str, prompts: list[dict], wrap=None):
 
 def start_group_run(args, algorithm: str, prompts: list[dict]):
     """start_rl_run for GPO / GRPO, plus AdamW over the policy's adapters."""
-    run, order, prompt_ids, engine = start_rl_run(args, algorithm, prompts)
+    run, order, prompt_ids, engine = start_rl_run(args, algorithm, prompts, group=args.num_generations)
     optimizer = torch.optim.AdamW(run.trainable_parameters(), lr=args.learning_rate, weight_decay=0.0)
     return run, order, prompt_ids, engine, optimizer
 
