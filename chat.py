@@ -15,18 +15,16 @@ import sys
 
 import torch
 
-from dataset.data import encode_prompt, stop_ids
+from dataset.encoding import encode_prompt, stop_ids
 from model.loading import load_for_inference, model_name
-from utils.args import add_lora_weight_arg, add_model_args, add_save_dir_arg
-from utils.errors import UserError, run_cli
-from utils.runtime import default_device
+from model.flags import add_inference_model_args
+from core.errors import UserError, run_cli
+from core.runtime import default_device
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with a model (base + optional LoRA adapter), answers streamed.")
-    add_model_args(p, None, "model: a name, a path, or an adapter alone (merged into its base)")
-    add_lora_weight_arg(p)
-    add_save_dir_arg(p, "where names are looked up first, then the shipped demo")
+    add_inference_model_args(p, "model: a name, a path, or an adapter alone (merged into its base)")
     p.add_argument("--prompt", action="append", default=None,
                    help="answer this and exit (repeat for several turns of one conversation); default: interactive")
     p.add_argument("--max_new_tokens", type=int, default=128, help="longest answer in tokens (default: %(default)s)")

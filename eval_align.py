@@ -30,21 +30,21 @@ from collections import defaultdict
 import torch
 
 from dataset.answers import AnswerCheck, import_function
-from dataset.data import encode_pairs, load_pairs, load_prompts
+from dataset.encoding import encode_pairs
+from dataset.formats import load_pairs, load_prompts
 from model.loading import load_for_inference, lora_base, model_name
-from model.value_head import RewardModel
-from utils.args import add_lora_weight_arg, add_model_args, add_save_dir_arg, project_path
-from utils.errors import UserError, run_cli
+from model.reward_model import RewardModel
+from core.files import project_path
+from model.flags import add_inference_model_args
+from core.errors import UserError, run_cli
 from utils.evaluation import (add_answer_check_arg, add_tie_margin_arg, answer_sums, generate_responses, pair_scores,
                               pair_sums, rates, rejected_rewards, scored_answers, tie_margin_problems, win_sums)
-from utils.runtime import default_device
+from core.runtime import default_device
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Held-out preference and answer accuracy of a model.")
-    add_model_args(p, None, "model: a name, a path, or none")
-    add_lora_weight_arg(p)
-    add_save_dir_arg(p, "where names are looked up first, then the shipped demo")
+    add_inference_model_args(p, "model: a name, a path, or none")
     p.add_argument("--data", default=project_path("dataset", "heldout_rl.jsonl"),
                    help="prompts with an \"answer\" field (default: the project's dataset/heldout_rl.jsonl)")
     p.add_argument("--pairs", default=project_path("dataset", "heldout_dpo.jsonl"),

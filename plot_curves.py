@@ -15,7 +15,7 @@ import json
 import math
 import os
 
-from utils.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 
 # Loss, then what each method optimises (DPO's margins, the RL reward), KL, length, learning rate.
 DEFAULT_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "accuracy", "reward", "kl", "value_loss",

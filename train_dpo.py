@@ -32,12 +32,14 @@ import argparse
 
 import torch
 
-from dataset.data import collate_pair_groups, load_pairs, tokenize_pairs
+from dataset.batches import collate_pair_groups
+from dataset.encoding import tokenize_pairs
+from dataset.formats import load_pairs
 from utils.args import add_common_args
-from utils.errors import UserError, run_cli
-from utils.logprobs import grouped_token_logprobs, masked_reduce
+from core.errors import UserError, run_cli
+from model.logprobs import grouped_token_logprobs, masked_reduce
 from utils.losses import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, rpo_nll, simpo_loss
-from utils.runtime import print0, to_device
+from core.runtime import print0, to_device
 from utils.train import DataOrder, Job, Run, supervised_job, validate_common_args
 
 DEFAULT_BETA = {"mean": 5.0, "sum": 0.1}
@@ -125,7 +127,7 @@ def validate_dpo_args(args) -> None:
 
 
 def pair_logprobs(model, batch: dict, reduce: str, chosen_token_mean: bool = False):
-    """(chosen, rejected) sequence log-probs, each (B,), of a dataset.data.collate_pair_groups
+    """(chosen, rejected) sequence log-probs, each (B,), of a dataset.batches.collate_pair_groups
     batch: each pair runs as its prompt, then its two responses, the prompt once (grouped_token_logprobs).
     With ``chosen_token_mean``, a third (B,): the chosen responses' mean log-prob per token."""
     per_token, _ = grouped_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"], 2)

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 
-from dataset.data import load_prompts
+from dataset.formats import load_prompts
 from utils.args import add_common_args, add_reward_args, add_rollout_args
-from utils.errors import run_cli
+from core.errors import run_cli
 from utils.rewards import check_answers, rewards_from_args
 from utils.rl import add_group_args, check_rl_args, make_group_step, reward_samples, start_group_run
 from utils.train import Job

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 
-from dataset.data import load_prompts
+from dataset.formats import load_prompts
 from utils.args import add_common_args, add_reward_args, add_rollout_args
-from utils.errors import UserError, run_cli
-from utils.logprobs import masked_reduce
+from core.errors import UserError, run_cli
+from model.logprobs import masked_reduce
 from utils.rewards import rewards_from_args
-from utils.runtime import print0
+from core.runtime import print0
 from utils.rl import add_group_args, check_rl_args, make_group_step, reward_samples, start_group_run
 from utils.train import Job
 

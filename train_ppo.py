@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import argparse
 
-from dataset.data import load_prompts
+from dataset.formats import load_prompts
 from utils.args import add_common_args, add_reward_args, add_rollout_args
-from utils.errors import run_cli
+from core.errors import run_cli
 from utils.ppo import actor_critic_builder, add_ppo_args, make_ppo_step, ppo_arg_problems, ppo_optimizers
 from utils.rewards import check_answers, check_reward_flags, rewards_from_args
 from utils.rl import check_rl_args, reward_samples, start_rl_run

@@ -16,12 +16,14 @@ import argparse
 
 import torch
 
-from dataset.data import collate_pairs, load_pairs, tokenize_pairs
+from dataset.batches import collate_pairs
+from dataset.encoding import tokenize_pairs
+from dataset.formats import load_pairs
 from model.value_head import last_token_index, reward_model_for_training
 from utils.args import add_common_args
-from utils.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 from utils.losses import reward_model_loss
-from utils.runtime import to_device
+from core.runtime import to_device
 from utils.train import DataOrder, Run, train, validate_common_args
 
 

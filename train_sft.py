@@ -16,11 +16,13 @@ import argparse
 
 import torch
 
-from dataset.data import SFTDataset, collate_sft, load_sft
+from dataset.batches import collate_sft
+from dataset.encoding import SFTDataset
+from dataset.formats import load_sft
 from utils.args import add_common_args
-from utils.errors import run_cli
-from utils.logprobs import token_logprobs
-from utils.runtime import print0, to_device
+from core.errors import run_cli
+from model.logprobs import token_logprobs
+from core.runtime import print0, to_device
 from utils.train import DataOrder, Run, train, validate_common_args
 
 DEMO_HIDDEN_SIZE, DEMO_LAYERS = 192, 4

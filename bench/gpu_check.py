@@ -15,7 +15,7 @@ cut short keeps what it measured. The table printed last holds every figure of t
    devices draw the same tokens; LoRA's B starts at 0, so the first step does not depend on the
    device's random init; on --device cpu one run serves all three). Then train_dpo.py runs in a child process that is killed (SIGKILL) once
    it has saved, and --from_resume 1 must continue from the saved step.
-2. packed: the tree-mask forward (utils.packing) against the plain forward (log-probs within
+2. packed: the tree-mask forward (model.packing) against the plain forward (log-probs within
    bf16 tolerance) and the cached-prompt forward (speed); which sdpa backends take the tree mask
    and which kernel the default lands on; FlexAttention with a block mask for the same tree
    against sdpa with the dense mask.
@@ -123,8 +123,8 @@ def parse_args(argv=None):
 def validate(a) -> None:
     """Bad input stops here, as one UserError, before any work: unknown sections, a device this
     machine lacks, an --out that cannot be written."""
-    from utils.errors import UserError
-    from utils.runtime import check_device
+    from core.errors import UserError
+    from core.runtime import check_device
     unknown = [s for s in a.sections if s not in SECTIONS]
     if unknown or not a.sections:
         raise UserError(f"--only {','.join(unknown) or repr('')}: unknown section; choose from {', '.join(SECTIONS)}")
@@ -225,7 +225,7 @@ class Context:
 
     def autocast(self, dtype: str = "bfloat16"):
         import torch
-        from utils.runtime import autocast_context
+        from core.runtime import autocast_context
         return autocast_context(torch.device(self.device), dtype)
 
 
@@ -279,7 +279,7 @@ def run_script(name: str, argv: list[str], log: str) -> str:
 
 def short_run(ctx: Context, name: str, device: str, dtype: str) -> list[dict]:
     """The metrics of each step of a short run of ``name`` on ``device`` in ``dtype``. A CPU run is
-    fp32 whatever --dtype says (utils.runtime), so on CPU each script runs once and its figures
+    fp32 whatever --dtype says (core.runtime), so on CPU each script runs once and its figures
     serve bf16, fp32 and the CPU reference alike: the comparisons still run, on equal numbers."""
     key = (name, device, dtype if device.startswith("cuda") else "float32")
     if key not in ctx.runs:
@@ -361,9 +361,9 @@ def random_groups(ctx: Context, vocab: int) -> dict:
 
 def group_forwards(model, b: dict, G: int) -> dict:
     """{"plain", "packed", "cached"}: fn(grad) -> (N, Tp+Lr-1) response log-probs of the batch,
-    through utils.logprobs.grouped_token_logprobs as the training scripts call it."""
+    through model.logprobs.grouped_token_logprobs as the training scripts call it."""
     import torch
-    from utils.logprobs import grouped_token_logprobs
+    from model.logprobs import grouped_token_logprobs
     sequences = torch.cat([b["prompts"].repeat_interleave(G, 0), b["responses"]], 1)
     attention_mask = torch.cat([b["prompt_mask"].repeat_interleave(G, 0), b["response_mask"]], 1)
     keep = torch.cat([torch.zeros_like(b["prompt_mask"]).repeat_interleave(G, 0), b["response_mask"]], 1)[:, 1:]
@@ -462,7 +462,7 @@ def flex_against_sdpa(ctx: Context, mask, heads: int, head_dim: int) -> dict:
 
 def check_packed(ctx: Context) -> dict:
     """Section 2: the packed tree-mask forward on the bench model (LoRA adapters on, as in training)."""
-    from utils.packing import pack_groups
+    from model.packing import pack_groups
     model, tok = ctx.load_model(lora=True)
     G = ctx.sizes.packed_group
     b = random_groups(ctx, len(tok))
@@ -564,7 +564,7 @@ def timed_ours(ctx: Context, ba) -> "object":
 
 def dpo_pair_lengths(ctx: Context, ba) -> list[tuple[int, int, int]]:
     """(prompt, chosen, rejected) token counts of the pairs the DPO bench trains on."""
-    from dataset.data import encode_pair
+    from dataset.encoding import encode_pair
     from model import load_tokenizer
     br, tok = bench_run(), load_tokenizer(ctx.model_dir)
     rows = br.dpo_rows(ba.batch_size * (ba.steps + ba.warmup), ba.prompt_len, tok)
@@ -628,7 +628,7 @@ def gpo_throughput(ctx: Context) -> dict:
 
 def sampling_prompts(ctx: Context, tok):
     """The GPO bench's prompts, left-padded on the device: (ids (P, Tp), mask (P, Tp))."""
-    from dataset.data import pad_with_mask
+    from dataset.batches import pad_with_mask
     from utils.rl import encode_prompts
     s = ctx.sizes
     rows = bench_run().group_rows(s.gpo_prompts, s.gpo_prompt_len, tok)
@@ -644,7 +644,7 @@ def decoding_throughput(ctx: Context) -> dict:
     up to each row's end token."""
     import copy
     import torch
-    from dataset.data import stop_ids
+    from dataset.encoding import stop_ids
     from utils.rollout import decode, response_mask_after_prompt, token_sampler
     model, tok = ctx.load_model()
     plain = copy.deepcopy(model).to(torch.bfloat16) if ctx.cuda else model
@@ -698,7 +698,7 @@ def time_decoding(ctx: Context, fn) -> dict:
 
 def check_throughput(ctx: Context) -> dict:
     """Section 3: DPO and GPO steps on the bench model, against the chip's peaks and generate."""
-    from utils.runtime import print0
+    from core.runtime import print0
     br = bench_run()
     counts = model_counts(ctx.model_dir, LORA_RANK)
     measured = attempt(matmul_ceiling, ctx)
@@ -795,5 +795,5 @@ def main(a) -> dict:
 
 
 if __name__ == "__main__":
-    from utils.errors import run_cli
+    from core.errors import run_cli
     run_cli(main, parse_args)

@@ -1,5 +1,5 @@
 """Peak memory and step time of a DPO and a GPO step on a model with a Qwen-sized vocabulary
-(151,936 tokens), with the output head scoring responses in chunks (utils.logprobs.
+(151,936 tokens), with the output head scoring responses in chunks (model.logprobs.
 HEAD_CHUNK_LOGITS, the default) against the whole (positions x vocabulary) block at once (0).
 
     python bench/large_vocab.py                        # CPU or the first GPU; a random Qwen3, 2 layers
@@ -56,7 +56,7 @@ def child(a) -> dict:
     """One (algorithm, head) alone: seconds per step (median) and the peak memory its steps add."""
     import torch
     import run
-    from utils import logprobs
+    from model import logprobs
     algo, head, model = a.child
     if HEADS[head] is not None:
         logprobs.HEAD_CHUNK_LOGITS = HEADS[head]

@@ -38,7 +38,7 @@ def peak(script: str, args: list[str], steps: int, device: str) -> dict:
 
 def main(argv=None):
     sys.path.insert(0, ROOT)
-    from utils.runtime import default_device
+    from core.runtime import default_device
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--steps", type=int, default=20)

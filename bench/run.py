@@ -82,7 +82,7 @@ def lengthened(rows: list[dict], n: int, prompt_len: int, tokenizer) -> list[dic
 
 def dpo_rows(n: int, prompt_len: int, tokenizer) -> list[dict]:
     """n preference pairs from the demo file, in the conversational format both sides read."""
-    from dataset.data import load_pairs
+    from dataset.formats import load_pairs
     pairs = [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
               "rejected": [{"role": "assistant", "content": p["rejected"]}]}
              for p in load_pairs(os.path.join(ROOT, "dataset", "dpo.jsonl"))]
@@ -91,7 +91,7 @@ def dpo_rows(n: int, prompt_len: int, tokenizer) -> list[dict]:
 
 def group_rows(n: int, prompt_len: int, tokenizer) -> list[dict]:
     """n prompts (with their answers) from the demo RL file."""
-    from dataset.data import load_prompts
+    from dataset.formats import load_prompts
     prompts = [{"prompt": p["prompt"], "answer": p.get("answer")}
                for p in load_prompts(os.path.join(ROOT, "dataset", "rl.jsonl"))]
     return lengthened(prompts, n, prompt_len, tokenizer)
@@ -386,7 +386,8 @@ def compare(a) -> dict:
 def precompute_seconds(a) -> float:
     """The one reference pass of --precompute_ref 1 over the benchmark's pairs, timed alone."""
     import train_dpo
-    from dataset.data import load_pairs, tokenize_pairs
+    from dataset.encoding import tokenize_pairs
+    from dataset.formats import load_pairs
     from transformers import AutoTokenizer
     with tempfile.TemporaryDirectory() as tmp:
         rows = dpo_rows(a.batch_size * (a.steps + a.warmup), a.prompt_len, AutoTokenizer.from_pretrained(a.model))

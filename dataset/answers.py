@@ -13,7 +13,7 @@ import os
 import re
 import sys
 
-from utils.errors import UserError
+from core.errors import UserError
 
 _ANSWER_RE = re.compile(r"(?:[Aa]nswer is|答案是)\s*[:：]?\s*\"?([^\s\"。．.，,！!？?]+)")
 
@@ -70,7 +70,7 @@ class AnswerCheck:
     The function is called as ``func(response, answer, **fields)`` (fields: the prompt line's
     other columns, e.g. a task's metadata) and returns a bool or a score in [0, 1] (1: right;
     a partial score counts as that share of a correct answer). ``check(response, row)`` takes
-    a prompt row as dataset.data.load_prompts reads it and returns the score as a float;
+    a prompt row as dataset.formats.load_prompts reads it and returns the score as a float;
     ``scores(texts, rows)`` does it for aligned lists.
     """
 

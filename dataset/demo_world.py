@@ -36,7 +36,7 @@ import os
 import random
 
 from dataset.answers import extract_answer
-from utils.files import atomic_file
+from core.files import atomic_file
 
 SEED = 1234
 HELDOUT_FRACTION = 0.12

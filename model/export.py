@@ -27,15 +27,14 @@ import torch  # noqa: E402
 from model.config import weight_name  # noqa: E402
 from model.loading import load_for_inference  # noqa: E402
 from model.minimind import minimind_state_dict  # noqa: E402
-from utils.args import add_lora_weight_arg, add_model_args, add_save_dir_arg  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.files import atomic_dir, write_tensor_files  # noqa: E402
+from model.flags import add_inference_model_args  # noqa: E402
+from core.errors import UserError, run_cli  # noqa: E402
+from core.files import atomic_dir, write_tensor_files  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base; write a Hugging Face model folder.")
-    add_model_args(p, None, "base model (name, path), or an adapter alone, merged into the base it records")
-    add_lora_weight_arg(p)
+    add_inference_model_args(p, "base model (name, path), or an adapter alone, merged into the base it records")
     p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite "
                                                 "(--format minimind: the folder the .pth goes in)")
     p.add_argument("--format", choices=["hf", "minimind"], default="hf",
@@ -45,7 +44,6 @@ def parse_args(argv=None):
     p.add_argument("--name", default="full_sft", help="--format minimind: the file's name before _{hidden_size} "
                                                       "(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    add_save_dir_arg(p, "where names are looked up first, then the shipped demo")
     return p.parse_args(argv)
 
 

@@ -16,7 +16,7 @@ import os
 import torch
 
 from model.export import export
-from utils.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 
 GGUF_MAGIC = b"GGUF"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

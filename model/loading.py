@@ -31,13 +31,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dataset.data import stop_ids
+from dataset.encoding import stop_ids
 from model.config import LMConfig, build_model, weight_name
 from model.minimind import fuse_experts, is_minimind_lora, merge_minimind_lora
 from model.strict import key_mismatch
 from model.lora import is_adapter_dir, load_lora, merge_lora, read_adapter_meta
-from utils.errors import UserError
-from utils.runtime import check_device
+from core.errors import UserError
+from core.runtime import check_device
 
 MODEL_DIR = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_DIR = os.path.join(MODEL_DIR, "demo")      # the demo SFT weights and lora_identity
@@ -397,7 +397,7 @@ def minimind_lora_base(path: str, base_weight: str, lm_config: LMConfig, save_di
 
 def set_stop_tokens(model, tokenizer, eos_token: str | None = None) -> list[int]:
     """Record on ``tokenizer`` the token that ends an assistant turn (``turn_end_id``: the
-    ``eos_token`` given, else the chat template's own, dataset.data.find_turn_end) and every
+    ``eos_token`` given, else the chat template's own, dataset.encoding.find_turn_end) and every
     token that ends a response (``stop_ids``: that turn end, the tokenizer's eos and the
     model's own ``generation_config.eos_token_id`` list, which is kept and extended, not
     replaced); the model's generation config gets the whole list. Returns it."""

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 from model.strict import key_mismatch
-from utils.errors import UserError
-from utils.files import atomic_dir, write_tensor_files
+from core.errors import UserError
+from core.files import atomic_dir, write_tensor_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

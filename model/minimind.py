@@ -13,7 +13,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from utils.errors import UserError
+from core.errors import UserError
 
 _EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 

@@ -9,8 +9,8 @@ import pytest
 from dataset.answers import AnswerCheck, is_correct
 from eval_align import main as eval_main, parse_args as eval_args
 from tests.conftest import first_lines
-from utils.args import project_path
-from utils.errors import UserError
+from core.files import project_path
+from core.errors import UserError
 from utils.evaluation import answer_sums, eval_arg_problems, pass_sums, rates
 from utils.rewards import RewardFunctions, check_reward_flags, rewards_from_args
 

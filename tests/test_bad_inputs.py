@@ -12,7 +12,7 @@ import train_grpo
 import train_ppo
 import train_reward
 from conftest import first_lines
-from utils.errors import run_cli
+from core.errors import run_cli
 
 SCRIPTS = {"dpo": train_dpo, "reward": train_reward, "gpo": train_gpo, "grpo": train_grpo, "ppo": train_ppo}
 RL = ["--num_generations", "2", "--max_gen_len", "4", "--reward_funcs", "tests.helpers.toy_rewards:char_count"]

@@ -38,7 +38,7 @@ def groups(vocab: int, P: int = 3, G: int = 2, Tp: int = 7, Lr: int = 5):
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_bf16_autocast_logprobs_and_dpo_loss_match_fp32(tiny_model, packed):
-    from utils.logprobs import grouped_token_logprobs, masked_reduce
+    from model.logprobs import grouped_token_logprobs, masked_reduce
     from utils.losses import dpo_loss
     model, tok = tiny_model
     model = model.cuda()
@@ -74,7 +74,7 @@ def test_fp16_grad_scaler_through_the_dpo_step(tiny_dir, tmp_path):
 
 
 def test_decoding_on_cuda_picks_the_cpu_greedy_tokens(tiny_model):
-    from dataset.data import pad_with_mask
+    from dataset.batches import pad_with_mask
     from utils.rollout import decode, token_sampler
     model, tok = tiny_model
     ids = [sample_ids(len(tok), (1, n), seed=n)[0].tolist() for n in (4, 9, 6)]

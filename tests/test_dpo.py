@@ -11,11 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dataset.data import collate_pair_groups, encode_pairs, load_pairs
+from dataset.batches import collate_pair_groups
+from dataset.encoding import encode_pairs
+from dataset.formats import load_pairs
 from model import LMConfig, apply_lora, init_model, save_lora
 from train_dpo import main, pair_logprobs, parse_args, precompute_reference
 from conftest import ADAPTER_FILES, first_lines, free_port, interrupt_after, run_args
-from utils.errors import UserError
+from core.errors import UserError
 from utils.train import Run
 
 TINY = ["--hidden_size", "32", "--num_hidden_layers", "2"]

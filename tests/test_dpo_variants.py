@@ -17,7 +17,7 @@ import torch
 import train_dpo
 from train_dpo import OveroptimisationWatch, build, main, parse_args
 from test_dpo import args_for, rows, save_dir, small_pairs  # noqa: F401 (fixtures)
-from utils.errors import UserError
+from core.errors import UserError
 from utils.losses import dpo_loss, rpo_nll, simpo_loss
 
 PC, PR, RC, RR = (torch.tensor([v]) for v in (-1.0, -3.0, -2.0, -2.0))

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from dataset.data import load_pairs
+from dataset.formats import load_pairs
 from eval_align import main, pair_accuracy, parse_args
 
 
@@ -58,7 +58,7 @@ def test_shipped_lora_identity_knows_who_it_is():
 
 def test_pairs_none_gives_answer_accuracy_alone(tiny_dir, tmp_path, capsys):
     from tests.conftest import first_lines
-    from utils.errors import UserError
+    from core.errors import UserError
     data = first_lines("dataset/heldout_rl.jsonl", 6, tmp_path)
     common = ["--from_weight", "full_sft", "--save_dir", tiny_dir, "--data", data, "--pairs", "none", "--device", "cpu",
               "--max_new_tokens", "4"]

@@ -16,15 +16,15 @@ import train_ppo
 import train_reward
 import train_sft
 from conftest import first_lines
-from dataset.data import (encode_conversation, encode_exchange, encode_pair, load_pairs, load_sft, render_prompt,
-                          stop_ids)
+from dataset.encoding import encode_conversation, encode_exchange, encode_pair, render_prompt, stop_ids
+from dataset.formats import load_pairs, load_sft
 from helpers.families import BY_NAME, FAMILIES, make_family, make_minimind
 from model import LMConfig, init_model
 from model.export import main as export_main, parse_args as export_args
 from model.loading import add_lora_weight, disable_dropout
 from model.lora import apply_lora, default_targets
-from utils import logprobs
-from utils.logprobs import grouped_token_logprobs, model_token_logprobs, target_logprobs
+from model import logprobs
+from model.logprobs import grouped_token_logprobs, model_token_logprobs, target_logprobs
 from utils.rollout import HFRolloutEngine
 
 NAMES = [f.name for f in FAMILIES] + ["minimind"]

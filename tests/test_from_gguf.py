@@ -7,7 +7,7 @@ gguf = pytest.importorskip("gguf")
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from model.from_gguf import main, parse_args  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from core.errors import UserError  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -108,7 +108,7 @@ def test_dpo_flops_formula_by_hand():
     (["--device", "cuda:0"], "use --device cpu"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys, tmp_path):
-    from utils.errors import run_cli
+    from core.errors import run_cli
     if argv[0] == "--device" and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
     with pytest.raises(SystemExit) as e:

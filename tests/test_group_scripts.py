@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 import train_gpo
 import train_grpo
 from conftest import first_lines, free_port, run_args
-from dataset.data import load_pairs
+from dataset.formats import load_pairs
 from model.loading import load_for_inference
-from utils.errors import UserError
+from core.errors import UserError
 
 TINY = ["--num_generations", "2", "--max_gen_len", "6", "--batch_size", "4"]
 METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio", "completions/mean_length",

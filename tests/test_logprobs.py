@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from utils.logprobs import head_logprobs, masked_reduce, model_token_logprobs, sequence_logprobs, token_logprobs
+from model.logprobs import head_logprobs, masked_reduce, model_token_logprobs, sequence_logprobs, token_logprobs
 from conftest import sample_ids
 
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from model import LMConfig, adapters_disabled, apply_lora, init_model, save_lora
 from model.export import main as export_main, parse_args as export_args
 from model.lora import load_lora, merge_lora
-from utils.errors import UserError
+from core.errors import UserError
 from conftest import ADAPTER_FILES, sample_ids
 
 

@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from dataset.data import collate_pairs
-from utils.logprobs import model_sequence_logprobs, sequence_logprobs
+from dataset.batches import collate_pairs
+from model.logprobs import model_sequence_logprobs, sequence_logprobs
 from utils.losses import DPO_LOSS_TYPES, dpo_loss
 
 PC, PR, RC, RR = (torch.tensor([v]) for v in (-1.0, -3.0, -2.0, -2.0))

@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 
 from bench.minimind_checkout import MM_VOCAB, build_checkout
 from model import LMConfig, init_model
-from utils.args import default_save_dir
-from utils.errors import UserError
+from model.flags import default_save_dir
+from core.errors import UserError
 
 H = 64
 
@@ -88,7 +88,7 @@ def test_names_resolve_in_the_checkout(checkout, monkeypatch, capsys):
 
 
 def test_minimind_rlaif_rows_are_prompts_without_answers(checkout):
-    from dataset.data import load_prompts
+    from dataset.formats import load_prompts
     from utils.rewards import check_answers
     root, written = checkout
     prompts = load_prompts(written["rlaif"])                    # the trailing assistant turn ("无") is dropped

@@ -18,9 +18,9 @@ import train_grpo
 import train_ppo
 import utils.train
 from conftest import first_lines, run_args
-from dataset.data import encode_prompt, thinking_switch
-from model.value_head import RewardModel
-from utils.errors import UserError
+from dataset.encoding import encode_prompt, thinking_switch
+from model.reward_model import RewardModel
+from core.errors import UserError
 from utils.rl import encode_prompts
 
 # MiniMind's flags as its argparse declares them (jingyaogong/minimind, trainer/*.py), with its

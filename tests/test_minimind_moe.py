@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from bench.minimind_checkout import minimind_lora_pth, random_minimind_model, save_minimind_pth
 from model import LMConfig, init_model
 from model.minimind import fuse_experts, moe_aux_loss, split_experts
-from utils.errors import UserError
+from core.errors import UserError
 
 H, LAYERS, VOCAB = 32, 2, 1116
 

@@ -12,7 +12,7 @@ from bench.minimind_checkout import MM_VOCAB, minimind_lora_pth, random_minimind
 from conftest import ADAPTER_FILES, TINY, first_lines
 from model import LMConfig, build_model, init_model, load_tokenizer
 from model.loading import shipped_rows
-from utils.errors import UserError
+from core.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from model import SHIPPED_DIR, LMConfig, build_model, init_model, resolve_weight
-from utils.errors import UserError
+from core.errors import UserError
 from conftest import TINY, sample_ids
 
 

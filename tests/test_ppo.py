@@ -13,10 +13,11 @@ import train_ppo
 import train_reward
 from conftest import ADAPTER_FILES, first_lines, free_port, run_args
 from model.lora import adapter_parameters
-from model.value_head import HEAD_FILE, RewardModel
+from model.reward_model import RewardModel
+from model.value_head import HEAD_FILE
 from utils.checkpoint import load_resume
-from utils.errors import UserError
-from utils.logprobs import model_token_logprobs
+from core.errors import UserError
+from model.logprobs import model_token_logprobs
 from utils.ppo import actor_critic_builder, make_ppo_step, ppo_optimizers
 from utils.rewards import rewards_from_args
 from utils.rl import reward_samples, start_rl_run
@@ -123,7 +124,7 @@ def test_one_copy_of_the_base_weights_and_a_frozen_reference(tmp_path, prompts, 
     from model import LMConfig, init_model
     args = args_for(tmp_path, prompts, tiny_dir, "--reward_model", reward_dir, "--reward_funcs", "",
                     "--learning_rate", "5e-2")
-    from dataset.data import load_prompts
+    from dataset.formats import load_prompts
     data = load_prompts(args.data_path)
     shared = {}
     run, order, prompt_ids, engine = start_rl_run(args, "ppo", data, wrap=actor_critic_builder(args, shared))

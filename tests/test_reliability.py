@@ -25,7 +25,7 @@ import train_ppo
 import train_reward
 from conftest import first_lines, free_port
 from utils.checkpoint import kept_resume_files, load_resume
-from utils.errors import RunHalted, UserError
+from core.errors import RunHalted, UserError
 
 pytestmark = pytest.mark.slow
 

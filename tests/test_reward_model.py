@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ADAPTER_FILES, first_lines, free_port, run_args
-from dataset.data import load_pairs
+from dataset.formats import load_pairs
 from eval_align import rm_pair_accuracy
-from model.value_head import HEAD_FILE, RewardModel, ValueHeadModel, last_token_index
+from model.reward_model import RewardModel
+from model.value_head import HEAD_FILE, ValueHeadModel, last_token_index
 from train_reward import main, parse_args
-from utils.errors import UserError
+from core.errors import UserError
 
 
 @pytest.fixture(scope="module")

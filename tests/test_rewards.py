@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from utils.errors import UserError
+from core.errors import UserError
 from utils.losses import reward_model_loss
 from utils.rewards import (RewardFunctions, accuracy_reward, format_reward, length_reward, load_reward_function,
                            parse_reward_args, repeated_ngram_share, repetition_reward)

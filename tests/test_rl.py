@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from utils.logprobs import masked_reduce, model_token_logprobs
+from model.logprobs import masked_reduce, model_token_logprobs
 from utils.rl import group_advantages, k3_kl, policy_loss
 
 R = torch.tensor([1.0, 0, 0, 1, 2, 2, 2, 2])

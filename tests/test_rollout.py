@@ -2,9 +2,11 @@
 import pytest
 import torch
 
-from dataset.data import encode_prompt, load_prompts, pad_with_mask
+from dataset.batches import pad_with_mask
+from dataset.encoding import encode_prompt
+from dataset.formats import load_prompts
 from model import LMConfig, init_model
-from utils.logprobs import model_token_logprobs, token_logprobs
+from model.logprobs import model_token_logprobs, token_logprobs
 from utils.rollout import HFRolloutEngine, decode, response_mask_after_prompt, token_sampler
 
 
@@ -106,7 +108,7 @@ def test_each_rank_samples_its_own_prompts_in_groups(tmp_path):
     import subprocess
     import sys
     from conftest import free_port
-    from dataset.data import encode_prompt
+    from dataset.encoding import encode_prompt
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                            "127.0.0.1", "--master_port", str(free_port()), "tests/helpers/rollout_ranks.py",
                            str(tmp_path)], capture_output=True, text=True, timeout=300,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from train_sft import main, parse_args
 from conftest import first_lines, free_port, interrupt_after
-from utils.errors import UserError
+from core.errors import UserError
 
 
 @pytest.fixture(scope="module")

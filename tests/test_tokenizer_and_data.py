@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from dataset.data import (encode_conversation, encode_pairs, encode_prompt, encode_response, fit, load_pairs,
-                          load_prompts, load_sft)
+from dataset.encoding import encode_conversation, encode_pairs, encode_prompt, encode_response, fit
+from dataset.formats import load_pairs, load_prompts, load_sft
 from model import load_tokenizer
-from utils.errors import UserError
+from core.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import torch
 
 import chat
 import plot_curves
-from dataset.data import encode_prompt
+from dataset.encoding import encode_prompt
 from model.lora import apply_lora, save_lora
-from utils.errors import UserError
+from core.errors import UserError
 
 
 def write_metrics(path, rows):

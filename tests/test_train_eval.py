@@ -9,7 +9,7 @@ import train_dpo
 import train_gpo
 import train_reward
 from conftest import first_lines, run_args
-from utils.errors import UserError
+from core.errors import UserError
 from utils.evaluation import pass_sums, rates
 
 GROUP = ["--num_generations", "2", "--max_gen_len", "6", "--reward_funcs", "tests.helpers.toy_rewards:char_count",

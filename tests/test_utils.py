@@ -9,9 +9,9 @@ import torch
 
 from model import LMConfig, apply_lora, build_model
 from utils.checkpoint import capture_rng, check_resume_args, restore_rng, upgraded_resume_args
-from utils.errors import UserError
+from core.errors import UserError
 from utils.logging import RunLogger, WandbLogger
-from utils.runtime import DistInfo, autocast_context, check_device, grad_scaler
+from core.runtime import DistInfo, autocast_context, check_device, grad_scaler
 from utils.schedule import cosine_lr
 from utils.train import DataOrder, rescaled_position
 

@@ -23,8 +23,8 @@ import torch
 
 from model.config import weight_name
 from model.strict import key_mismatch
-from utils.errors import UserError
-from utils.files import atomic_file
+from core.errors import UserError
+from core.files import atomic_file
 
 # Args that may change between a run and its resume without changing what is trained.
 # --max_steps and --epochs set the schedule's length, which the file records and checks itself.

@@ -20,13 +20,15 @@ import os
 import torch
 
 from dataset.answers import AnswerCheck
-from dataset.data import (collate_pairs, encode_pairs, encode_prompt, load_pairs, load_prompts, pad_with_mask, read_jsonl,
-                          stop_ids)
+from dataset.batches import collate_pairs, pad_with_mask
+from dataset.encoding import encode_pairs, encode_prompt, stop_ids
+from dataset.formats import load_pairs, load_prompts, read_jsonl
 from model.lora import adapters_disabled
-from model.value_head import ActorCritic, RewardModel, ValueHeadModel, last_token_index
-from utils.errors import UserError
-from utils.logprobs import model_sequence_logprobs
-from utils.runtime import print0, to_device
+from model.reward_model import RewardModel
+from model.value_head import ActorCritic, ValueHeadModel, last_token_index
+from core.errors import UserError
+from model.logprobs import model_sequence_logprobs
+from core.runtime import print0, to_device
 
 PAIR_METRICS = ("pair_acc", "reward_margin")
 ANSWER_METRICS = ("answer_acc", "mean_len")

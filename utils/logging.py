@@ -14,7 +14,7 @@ import time
 
 from tqdm import tqdm
 
-from utils.files import atomic_file
+from core.files import atomic_file
 
 
 def _fmt(v) -> str:

@@ -117,7 +117,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 def print_log_ratio(step: int, log_ratio: torch.Tensor, mask: torch.Tensor) -> None:
     """--debug_log_ratio: how far the policy's log-probs (N, L) are from the old ones, on the mask."""
-    from utils.runtime import print0
+    from core.runtime import print0
     lr = log_ratio[mask.bool()].float()
     if lr.numel():
         print0(f"[log_ratio] step {step}: max|log r| {lr.abs().max():.3e}, mean|log r| {lr.abs().mean():.3e}, "
@@ -189,8 +189,9 @@ def actor_critic_builder(args, shared_reward: dict):
     fresh adapter and a zero head. The RewardModel goes into ``shared_reward["model"]``.
     """
     from model.lora import adapter_parameters, apply_lora, load_lora
-    from model.value_head import ActorCritic, RewardModel, shares_base
-    from utils.runtime import print0
+    from model.reward_model import RewardModel, shares_base
+    from model.value_head import ActorCritic
+    from core.runtime import print0
 
     def wrap(lm, run):
         from_reward = bool(args.reward_model) and shares_base(args.reward_model, lm, run.lm_config, args.save_dir)
@@ -233,7 +234,7 @@ def make_ppo_step(run, order, prompts: list[dict], prompt_ids: list[list[int]], 
     (scores (N,), {name: (N,)})``), per-token rewards with the KL penalty, GAE from the critic's
     values, whitened advantages, then --ppo_update_iters passes over mini-batches, each one
     update of both the policy and the critic, until approx_kl passes --early_stop_kl."""
-    from utils.logprobs import policy_forward
+    from model.logprobs import policy_forward
     from utils.rl import completion_metrics, policy_loss, print_samples, sample_and_score, step_normalisers
     from utils.train import step_optimizers
     args, G = run.args, run.args.num_generations

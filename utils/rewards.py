@@ -19,7 +19,7 @@ import re
 import torch
 
 from dataset.answers import AnswerCheck, extract_answer, import_function
-from utils.errors import UserError
+from core.errors import UserError
 
 # ------------------------------------------------------------------------------------ built-ins
 LENGTH_BUDGET = 200   # characters: the length reward is 1 up to a quarter of this, 0 at it and beyond
@@ -176,7 +176,7 @@ def check_reward_flags(args) -> None:
     if specs or weights is not None:          # imports each function, matches the weights to them
         RewardFunctions(specs, weights, answer_check=AnswerCheck(getattr(args, "answer_check", None)))
     if args.reward_model:
-        from model.value_head import check_reward_folder
+        from model.reward_model import check_reward_folder
         check_reward_folder(args.reward_model, bool(args.trust_remote_code))
     if not specs and not args.reward_model:
         raise UserError("no reward: give --reward_funcs and/or --reward_model")
@@ -188,7 +188,7 @@ def rewards_from_args(args, device="cpu", reward_model=None) -> RewardFunctions:
     already loaded (PPO runs one on the policy's own base weights); otherwise it is loaded here."""
     specs, weights = parse_reward_args(args.reward_funcs, args.reward_weights)
     if args.reward_model and reward_model is None:
-        from model.value_head import RewardModel
+        from model.reward_model import RewardModel
         reward_model = RewardModel.load(args.reward_model, device=device, save_dir=getattr(args, "save_dir", "out"),
                                         trust_remote_code=bool(args.trust_remote_code))
     return RewardFunctions(specs, weights, clip=args.reward_clip or None, reward_model=reward_model,

@@ -1,7 +1,7 @@
 """Group policy optimisation (GPO, GRPO): advantages, the clipped loss, KL, and one training step.
 
 Shapes: P prompts, G samples per prompt, N = P*G samples (grouped: rows g*G..g*G+G-1 answer
-prompt g), T tokens, L = T-1 predicted tokens (utils.logprobs.token_logprobs's layout).
+prompt g), T tokens, L = T-1 predicted tokens (model.logprobs.token_logprobs's layout).
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import os
 import torch
 
 from utils.checkpoint import OLD_LOSS_AGG   # --loss_agg, the old spelling of --loss_type
-from utils.logprobs import chunked_grouped_logprobs, grouped_token_logprobs, masked_reduce
-from utils.runtime import print0
+from model.logprobs import chunked_grouped_logprobs, grouped_token_logprobs, masked_reduce
+from core.runtime import print0
 
 ADV_EPS = 1e-4
 # --loss_type of the group scripts (utils.rl.policy_loss); PPO takes the aggregations only.
@@ -322,7 +322,7 @@ def check_rl_args(args, algorithm_problems=group_arg_problems) -> None:
     """Every problem with the shared, sampling, update and the algorithm's own flags
     (``algorithm_problems(args) -> [messages]``), raised once, before any model is built."""
     from utils.args import rollout_arg_problems
-    from utils.errors import UserError
+    from core.errors import UserError
     from utils.train import validate_common_args
     validate_common_args(args)
     problems = rollout_arg_problems(args) + algorithm_problems(args) + update_arg_problems(args)
@@ -392,8 +392,8 @@ def encode_prompts(tokenizer, prompts: list[dict], max_prompt_len: int, thinking
     thinking_ratio p (--thinking_ratio): a share p of the prompts, drawn once from ``seed`` (so
     a resumed run sees the same ones), is rendered with the template's thinking switch on and the
     rest with it off, as MiniMind's RLAIF data does; a template without a switch says so once."""
-    from dataset.data import encode_prompt, thinking_switch
-    from utils.runtime import print0
+    from dataset.encoding import encode_prompt, thinking_switch
+    from core.runtime import print0
     switches = [{} for _ in prompts]
     if thinking_ratio is not None:
         name = thinking_switch(tokenizer)
@@ -453,7 +453,7 @@ def make_group_step(run, order, prompts: list[dict], prompt_ids: list[list[int]]
         # new ones, detached (ratio 1), and the sampling-time forward is not needed.
         once = args.ppo_epochs == 1 and mb == N
         old_logps = None if once else rollout.logps
-        # Micro-batches of whole groups run each prompt once (utils.logprobs.grouped_token_logprobs).
+        # Micro-batches of whole groups run each prompt once (model.logprobs.grouped_token_logprobs).
         g = G if micro % G == 0 else 1
         sums, updates = {}, args.ppo_epochs * (N // mb)
         for _ in range(args.ppo_epochs):
@@ -519,7 +519,7 @@ def completion_metrics(rollout, parts: dict) -> dict[str, float]:
 
 def print_samples(step: int, row: dict, texts: list[str], rewards: torch.Tensor, advantages: torch.Tensor) -> None:
     """--debug_mode: one prompt, its samples, their rewards and advantages."""
-    from utils.runtime import print0
+    from core.runtime import print0
     print0(f"--- step {step}: {row['prompt'][-1]['content']!r}")
     for t, r, a in zip(texts, rewards.tolist(), advantages.tolist()):
         print0(f"    reward {r:+.3f} advantage {a:+.3f}  {t!r}")

@@ -17,9 +17,10 @@ from typing import Callable
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from dataset.data import pad_with_mask, stop_ids
+from dataset.batches import pad_with_mask
+from dataset.encoding import stop_ids
 from model.lora import adapters_merged
-from utils.logprobs import chunked_grouped_logprobs, position_ids_from_mask, prompt_prefill
+from model.logprobs import chunked_grouped_logprobs, position_ids_from_mask, prompt_prefill
 
 
 @dataclass

@@ -37,10 +37,10 @@ from utils.args import find_data_file
 from utils.checkpoint import (capture_rng, check_resume_args, check_trainable_state, load_latest_resume,
                               load_trainable_state, other_size_resume_files, restore_rng, resume_path, save_resume,
                               trainable_state, upgraded_resume_args)
-from utils.errors import RunHalted, UserError
+from core.errors import RunHalted, UserError
 from utils.evaluation import TrainingEval, eval_arg_problems
 from utils.logging import RunLogger
-from utils.runtime import (DistInfo, autocast_context, grad_scaler, init_distributed, peak_memory_gb, print0,
+from core.runtime import (DistInfo, autocast_context, grad_scaler, init_distributed, peak_memory_gb, print0,
                            seed_everything)
 from utils.schedule import cosine_lr
 

@@ -28,7 +28,7 @@ import json
 import os
 import time
 
-from utils.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,7 +118,7 @@ def entries(rg, task: str, config: dict, size: int, seed: int) -> list[dict]:
 
 
 def prompt_row(task: str, entry: dict) -> dict:
-    """A prompts-file line (dataset.data.load_prompts) for one reasoning-gym entry."""
+    """A prompts-file line (dataset.formats.load_prompts) for one reasoning-gym entry."""
     return {"conversations": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": entry["question"]}],
             "answer": str(entry["answer"]), "task": task,
             "metadata": json.loads(json.dumps(entry["metadata"], default=str))}
@@ -184,7 +184,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], samples: int, max_gen_len: 
     import torch
 
     from dataset.answers import AnswerCheck
-    from dataset.data import encode_prompt
+    from dataset.encoding import encode_prompt
     from utils.rollout import HFRolloutEngine
     check = check or AnswerCheck("recipes.smollm2.scoring:score")
     engine = HFRolloutEngine(model, tokenizer, max_gen_len, temperature=temperature)
@@ -210,7 +210,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], samples: int, max_gen_len: 
 
 def write_pairs(args, out: str, manifest: Manifest, jobs: list[tuple[str, str, int]]) -> None:
     """Sample and write each (name, prompts file, how many prompts) of ``jobs`` not kept."""
-    from dataset.data import load_prompts
+    from dataset.formats import load_prompts
     settings = {k: getattr(args, k) for k in ("samples", "temperature", "max_gen_len", "seed")}
     todo = []
     for name, source, n in jobs:

@@ -7,10 +7,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from dataset.data import encode_prompt, load_prompts  # noqa: E402
+from dataset.encoding import encode_prompt  # noqa: E402
+from dataset.formats import load_prompts
 from model import LMConfig, init_model  # noqa: E402
 from utils.rollout import HFRolloutEngine  # noqa: E402
-from utils.runtime import init_distributed  # noqa: E402
+from core.runtime import init_distributed  # noqa: E402
 from utils.train import DataOrder  # noqa: E402
 
 out_dir = sys.argv[1]

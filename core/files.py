@@ -54,3 +54,11 @@ def write_tensor_files(folder: str, files: dict | None) -> None:
     from safetensors.torch import save_file
     for name, tensors in (files or {}).items():
         save_file(tensors, os.path.join(folder, name))
+
+
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def project_path(*parts: str) -> str:
+    """A path inside the project, so that default data files are found from any directory."""
+    return os.path.join(PROJECT_DIR, *parts)

@@ -9,7 +9,7 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from utils.packing import group_size, pack_groups
+from model.packing import group_size, pack_groups
 
 # Logits (positions x vocabulary) the output head computes at once when it scores responses
 # (32 MiB in fp32; a chunk's softmax and gradient hold two more such blocks): a 151,936-token
@@ -152,7 +152,7 @@ def packed_prompt_logprobs(model, prompts: torch.Tensor, prompt_mask: torch.Tens
                            layout=None):
     """shared_prompt_logprobs's (logps (N, Lr), entropy or None), in one forward: each group
     (a prompt and its G responses) packed into a row beside other groups, with a tree-shaped
-    attention mask (utils.packing.pack_groups; ``layout``: that packing, if already made), and
+    attention mask (model.packing.pack_groups; ``layout``: that packing, if already made), and
     the output head run only on the positions that predict a response token. Needs an
     attention that takes a 4D mask (sdpa, eager) and no attention window shorter than the
     packed rows (see grouped_token_logprobs)."""
