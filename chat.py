@@ -14,6 +14,7 @@ import argparse
 import sys
 
 import torch
+from transformers import TextStreamer
 
 from dataset.encoding import encode_prompt, stop_ids
 from model.loading import load_for_inference, model_name
@@ -49,7 +50,6 @@ class Chat:
 
     @torch.no_grad()
     def reply(self, text: str) -> str:
-        from transformers import TextStreamer
         turn = self.messages + [{"role": "user", "content": text}] if self.args.history else \
             [{"role": "user", "content": text}]
         ids = torch.tensor([encode_prompt(self.tokenizer, turn)], device=self.model.device)

@@ -37,7 +37,7 @@ from model.reward_model import RewardModel
 from core.files import project_path
 from model.flags import add_inference_model_args
 from core.errors import UserError, run_cli
-from utils.evaluation import (add_answer_check_arg, add_tie_margin_arg, answer_sums, generate_responses, pair_scores,
+from training.evaluation import (add_answer_check_arg, add_tie_margin_arg, answer_sums, generate_responses, pair_scores,
                               pair_sums, rates, rejected_rewards, scored_answers, tie_margin_problems, win_sums)
 from core.runtime import default_device
 

@@ -15,7 +15,12 @@ import json
 import math
 import os
 
+import matplotlib
+
 from core.errors import UserError, run_cli
+
+matplotlib.use("Agg")                # files only, no display: it must come before pyplot's import
+import matplotlib.pyplot as plt  # noqa: E402
 
 # Loss, then what each method optimises (DPO's margins, the RL reward), KL, length, learning rate.
 DEFAULT_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "accuracy", "reward", "kl", "value_loss",
@@ -60,9 +65,6 @@ def run_label(path: str) -> str:
 
 def plot(paths: list[str], out: str, metrics: list[str] | None = None) -> list[str]:
     """Write the PNG; returns the metrics drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     labels = [run_label(p) for p in paths]
     if len(set(labels)) < len(labels):   # the same run name in several folders: name the folders too
         labels = [os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))), l) for p, l in zip(paths, labels)]

@@ -12,7 +12,7 @@ Loss (DESIGN section 6): h = (l_pol(y+) - l_pol(y-)) - (l_ref(y+) - l_ref(y-)),
 ``--loss_type simpo`` is reference-free (no reference model, no precompute) and
 ``--rpo_alpha A`` adds A times the chosen response's NLL per token (RPO, default 1: the answers then
 move towards the chosen ones rather than only away from the rejected; ``--rpo_alpha 0`` is the seed's
-plain DPO); see utils/losses.py.
+plain DPO); see losses/preference.py.
 Unlike the paper, l(y) is by default the mean log-prob per response token, as in the seed
 (``--logp_reduce sum`` gives the paper's sum). A per-token mean is about |y| times smaller than
 the sum, so beta must be about that much larger: the default beta is 5 with mean, 0.1 with sum.
@@ -32,15 +32,18 @@ import argparse
 
 import torch
 
+from core.errors import run_cli
+from core.runtime import print0, to_device
 from dataset.batches import collate_pair_groups
 from dataset.encoding import tokenize_pairs
 from dataset.formats import load_pairs
-from utils.args import add_common_args
-from core.errors import UserError, run_cli
+from losses.preference import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, rpo_nll, simpo_loss
 from model.logprobs import grouped_token_logprobs, masked_reduce
-from utils.losses import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, rpo_nll, simpo_loss
-from core.runtime import print0, to_device
-from utils.train import DataOrder, Job, Run, supervised_job, validate_common_args
+from training.args import add_common_args, check_args, common_problems
+from training.checkpoint import plan_start
+from training.loop import Job, Updater, adamw, supervised_step
+from training.order import DataOrder
+from training.run import Run
 
 DEFAULT_BETA = {"mean": 5.0, "sum": 0.1}
 SIMPO_BETA = 2.0   # the SimPO paper's range is 2 to 2.5 on per-token mean log-probs
@@ -102,7 +105,8 @@ def summed_beta(args) -> bool:
     return True
 
 
-def validate_dpo_args(args) -> None:
+def dpo_problems(args) -> list[str]:
+    """What is wrong with DPO's own flags."""
     problems = []
     if args.loss_type in SCALED_BETA_LOSS_TYPES and args.logp_reduce == "mean" and 0 < args.beta < MIN_MEAN_BETA:
         problems.append(f"--beta {args.beta:g} with --logp_reduce mean: per-token mean log-probs are about |y| times "
@@ -122,8 +126,9 @@ def validate_dpo_args(args) -> None:
             problems.append(f"--loss_type {args.loss_type} is length-normalised: it needs --logp_reduce mean")
         if args.ref_model or args.precompute_ref:
             problems.append(f"--loss_type {args.loss_type} uses no reference model: drop --ref_model and --precompute_ref")
-    if problems:
-        raise UserError("; ".join(problems))
+    if args.ref_model == "shared" and not args.use_lora:
+        problems.append("--ref_model shared needs LoRA adapters to switch off; with --use_lora 0 use --ref_model copy")
+    return problems
 
 
 def pair_logprobs(model, batch: dict, reduce: str, chosen_token_mean: bool = False):
@@ -204,20 +209,21 @@ def precompute_reference(run: Run, items: list, batch_size: int, reduce: str,
 
 
 def build(args) -> Job:
-    """Everything up to the first step: checks, data, model, reference (see utils.train.Job)."""
-    validate_common_args(args)                # bad flags and bad data stop the run before any model is built
-    validate_dpo_args(args)
+    """Everything up to the first step: checks, data, model, reference (see training.loop.Job)."""
+    check_args(args, common_problems, dpo_problems)   # bad flags and bad data stop the run before any model is built
     pairs = load_pairs(args.data_path)
     run = Run(args, "dpo", reference=args.ref_model)
     items, _ = tokenize_pairs(pairs, run.tokenizer, args.max_seq_len, args.data_path)
     order = DataOrder(len(items), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,
                       what="pairs")
-    start = run.check_resume(order)           # a bad resume file stops the run here, not after the precompute
+    start = plan_start(run, order)            # a bad resume file stops the run here, not after the precompute
     ref_table = None
     if args.precompute_ref:                   # only the pairs this launch reads, up to the step it stops at
-        used = order.used(start.micro, run.stop_step * order.micro_per_step)
+        used = order.used(start.state.micro, start.stop_step * order.micro_per_step)
         ref_table = precompute_reference(run, items, 2 * args.batch_size, args.logp_reduce, used)
         print0(f"reference log-probs computed once, for the {len(used)} of {len(items)} pairs the run uses")
+    updater = Updater(run, adamw(run.trainable_parameters(), args.learning_rate), args.grad_clip,
+                      args.accumulation_steps)
     pad = run.tokenizer.pad_token_id
     watch = OveroptimisationWatch()
 
@@ -242,9 +248,10 @@ def build(args) -> Job:
         watch.update(chosen_mean.detach().mean(), metrics["rewards/margins"])
         return loss, metrics, int(batch["attention_mask"].sum())
 
-    return supervised_job(run, order, micro_step, desc="dpo",
-                          extra_meta={"beta": args.beta, "loss_type": args.loss_type, "logp_reduce": args.logp_reduce,
-                                      "rpo_alpha": args.rpo_alpha, "simpo_gamma": args.simpo_gamma})
+    step = supervised_step(run, order, updater, micro_step, args.accumulation_steps)
+    return Job(run, order, updater, step, "dpo", {"beta": args.beta, "loss_type": args.loss_type,
+                                                  "logp_reduce": args.logp_reduce, "rpo_alpha": args.rpo_alpha,
+                                                  "simpo_gamma": args.simpo_gamma}, start)
 
 
 def main(args):

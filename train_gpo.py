@@ -12,7 +12,7 @@ with the LoRA adapters off). This is what the literature calls GRPO (DeepSeekMat
 ``--baseline loo --scale_rewards none``, RLOO. ``--adv_level group`` is the chapter's literal
 A_g: each group's mean reward, z-scored across the groups of the batch, for all its responses.
 ``--loss_type`` picks how the per-token losses add up (dapo, the default: a token mean over the
-whole optimizer step; grpo, bnpo, dr_grpo, cispo, seed_sum; see utils.rl.policy_loss), and
+whole optimizer step; grpo, bnpo, dr_grpo, cispo, seed_sum; see losses.policy.policy_loss), and
 ``--importance_sampling_level sequence`` is GSPO's per-response ratio.
 
 One step = one batch of --batch_size prompts per process: sampling, scoring, then
@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import argparse
 
-from dataset.formats import load_prompts
-from utils.args import add_common_args, add_reward_args, add_rollout_args
 from core.errors import run_cli
-from utils.rewards import check_answers, rewards_from_args
-from utils.rl import add_group_args, check_rl_args, make_group_step, reward_samples, start_group_run
-from utils.train import Job
+from dataset.formats import load_prompts
+from rl.args import (add_group_args, add_reward_args, add_rollout_args, group_problems, required_reward_problems,
+                     reward_problems, rl_problems)
+from rl.group import GroupSettings, make_group_step
+from rl.rewards import check_answers, rewards_from_args
+from rl.start import start_rl_run
+from training.args import add_common_args, check_args, common_problems
+from training.loop import Job, Updater, adamw
 
 
 def parse_args(argv=None):
@@ -51,19 +54,18 @@ def parse_args(argv=None):
 
 
 def build(args) -> Job:
-    """Everything up to the first step: checks, prompts, rewards, model, sampler (see utils.train.Job)."""
-    check_rl_args(args)                       # bad flags and bad data stop the run before any model is built
+    """Everything up to the first step: checks, prompts, rewards, model, sampler (see training.loop.Job)."""
+    # bad flags and bad data stop the run before any model is built
+    check_args(args, common_problems, rl_problems, group_problems, reward_problems, required_reward_problems)
     prompts = load_prompts(args.data_path)
     rewards = rewards_from_args(args, device=args.device)
     check_answers(args.reward_funcs, prompts, args.data_path)
-    run, order, prompt_ids, engine, optimizer = start_group_run(args, "gpo", prompts)
-    G = args.num_generations
-
-    def score(rows, rollout):
-        return reward_samples(rewards, rows, rollout.texts, G)
-
-    step = make_group_step(run, order, prompts, prompt_ids, engine, optimizer, score, baseline=args.baseline, scale=args.scale_rewards, level=args.adv_level)
-    return Job(run, order, optimizer, step, "gpo", {"reward_funcs": args.reward_funcs})
+    run, source, start = start_rl_run(args, "gpo", prompts, group=args.num_generations)
+    updater = Updater(run, adamw(run.trainable_parameters(), args.learning_rate), args.grad_clip,
+                      args.accumulation_steps)
+    settings = GroupSettings.from_args(args, baseline=args.baseline, scale=args.scale_rewards, level=args.adv_level)
+    step = make_group_step(run, source, updater, rewards.score_rollout, settings)
+    return Job(run, source.order, updater, step, "gpo", {"reward_funcs": args.reward_funcs}, start)
 
 
 def main(args):

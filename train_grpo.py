@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import argparse
 
-from dataset.formats import load_prompts
-from utils.args import add_common_args, add_reward_args, add_rollout_args
-from core.errors import UserError, run_cli
-from model.logprobs import masked_reduce
-from utils.rewards import rewards_from_args
+from core.errors import run_cli
 from core.runtime import print0
-from utils.rl import add_group_args, check_rl_args, make_group_step, reward_samples, start_group_run
-from utils.train import Job
+from dataset.formats import load_prompts
+from model.logprobs import masked_reduce
+from rl.args import add_group_args, add_reward_args, add_rollout_args, group_problems, reward_problems, rl_problems
+from rl.group import GroupSettings, make_group_step
+from rl.rewards import rewards_from_args
+from rl.start import start_rl_run
+from training.args import add_common_args, check_args, common_problems
+from training.loop import Job, Updater, adamw
 
 
 def parse_args(argv=None):
@@ -63,17 +65,24 @@ def method_line(self_reward_weight: float) -> str:
             f"advantages, CISPO) run train_gpo.py --loss_type cispo, or add --self_reward_weight 0 here")
 
 
+def grpo_problems(args) -> list[str]:
+    """What is wrong with GRPO's own flags."""
+    if args.self_reward_weight == 0 and not (args.reward_funcs or args.reward_model):
+        return ["--self_reward_weight 0 with no --reward_funcs or --reward_model leaves no reward"]
+    return []
+
+
 def build(args) -> Job:
-    """Everything up to the first step: checks, prompts, rewards, model, sampler (see utils.train.Job)."""
-    check_rl_args(args)                       # bad flags and bad data stop the run before any model is built
+    """Everything up to the first step: checks, prompts, rewards, model, sampler (see training.loop.Job)."""
+    # bad flags and bad data stop the run before any model is built
+    check_args(args, common_problems, rl_problems, group_problems, reward_problems, grpo_problems)
     prompts = load_prompts(args.data_path)
     external = rewards_from_args(args, device=args.device) if (args.reward_funcs or args.reward_model) else None
-    if external is None and args.self_reward_weight == 0:
-        raise UserError("--self_reward_weight 0 with no --reward_funcs or --reward_model leaves no reward")
     if external is not None:
         print0(method_line(args.self_reward_weight))
-    run, order, prompt_ids, engine, optimizer = start_group_run(args, "grpo", prompts)
-    G = args.num_generations
+    run, source, start = start_rl_run(args, "grpo", prompts, group=args.num_generations)
+    updater = Updater(run, adamw(run.trainable_parameters(), args.learning_rate), args.grad_clip,
+                      args.accumulation_steps)
 
     def score(rows, rollout):
         # The sample's own log-prob at sampling time, as the sampling forward computed it: a
@@ -82,15 +91,16 @@ def build(args) -> Job:
         parts = {"logp": self_reward}
         total = args.self_reward_weight * self_reward
         if external is not None:
-            extra, extra_parts = reward_samples(external, rows, rollout.texts, G)
+            extra, extra_parts = external.score_rollout(rows, rollout)
             total, parts = total + extra, {**parts, **extra_parts}
         return total, parts
 
     # seed_sum: sum over a group's samples, mean over prompts, the chapter's -E_x[sum_i A_i log pi(y_i|x)],
     # with log pi(y|x) reduced over tokens as --logp_reduce says.
-    step = make_group_step(run, order, prompts, prompt_ids, engine, optimizer, score, baseline="mean",
-                           scale=args.scale_rewards, level="sample", seq_reduce=args.logp_reduce)
-    return Job(run, order, optimizer, step, "grpo", {"logp_reduce": args.logp_reduce})
+    settings = GroupSettings.from_args(args, baseline="mean", scale=args.scale_rewards, level="sample",
+                                       seq_reduce=args.logp_reduce)
+    step = make_group_step(run, source, updater, score, settings)
+    return Job(run, source.order, updater, step, "grpo", {"logp_reduce": args.logp_reduce}, start)
 
 
 def main(args):

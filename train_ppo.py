@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 
-from dataset.formats import load_prompts
-from utils.args import add_common_args, add_reward_args, add_rollout_args
 from core.errors import run_cli
-from utils.ppo import actor_critic_builder, add_ppo_args, make_ppo_step, ppo_arg_problems, ppo_optimizers
-from utils.rewards import check_answers, check_reward_flags, rewards_from_args
-from utils.rl import check_rl_args, reward_samples, start_rl_run
-from utils.train import run_steps
+from dataset.formats import load_prompts
+from rl.args import (add_ppo_args, add_reward_args, add_rollout_args, ppo_problems, required_reward_problems,
+                     reward_problems, rl_problems)
+from rl.ppo import PPOSettings, actor_critic_builder, make_ppo_step, ppo_optimizers
+from rl.rewards import check_answers, rewards_from_args
+from rl.start import start_rl_run
+from training.args import add_common_args, check_args, common_problems
+from training.loop import Job, Updater
 
 
 def parse_args(argv=None):
@@ -44,22 +46,24 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(args):
-    check_rl_args(args, ppo_arg_problems)           # bad flags and bad data stop the run before any model is built
-    check_reward_flags(args)
+def build(args) -> Job:
+    """Everything up to the first step: checks, prompts, rewards, model with its critic, sampler
+    (see training.loop.Job)."""
+    # bad flags and bad data stop the run before any model is built
+    check_args(args, common_problems, rl_problems, ppo_problems, reward_problems, required_reward_problems)
     prompts = load_prompts(args.data_path)
     check_answers(args.reward_funcs, prompts, args.data_path)
     shared_reward = {}
-    run, order, prompt_ids, engine = start_rl_run(args, "ppo", prompts, wrap=actor_critic_builder(args, shared_reward))
+    run, source, start = start_rl_run(args, "ppo", prompts, wrap=actor_critic_builder(args, shared_reward))
     rewards = rewards_from_args(args, device=run.device, reward_model=shared_reward.get("model"))
-    optimizers = ppo_optimizers(run)
-    G = args.num_generations
+    optimizers = ppo_optimizers(run.base_model, args.learning_rate, args.critic_learning_rate)
+    updater = Updater(run, optimizers, args.grad_clip, args.accumulation_steps)
+    step = make_ppo_step(run, source, updater, rewards.score_rollout, PPOSettings.from_args(args))
+    return Job(run, source.order, updater, step, "ppo", {"reward_funcs": args.reward_funcs}, start)
 
-    def score(rows, rollout):
-        return reward_samples(rewards, rows, rollout.texts, G)
 
-    step = make_ppo_step(run, order, prompts, prompt_ids, engine, optimizers, score)
-    return run_steps(run, order, optimizers, step, desc="ppo", extra_meta={"reward_funcs": args.reward_funcs})
+def main(args):
+    return build(args)()
 
 
 if __name__ == "__main__":

@@ -16,15 +16,17 @@ import argparse
 
 import torch
 
+from core.errors import UserError, run_cli
+from core.runtime import to_device
 from dataset.batches import collate_pairs
 from dataset.encoding import tokenize_pairs
 from dataset.formats import load_pairs
+from losses.preference import reward_model_loss
 from model.value_head import last_token_index, reward_model_for_training
-from utils.args import add_common_args
-from core.errors import UserError, run_cli
-from utils.losses import reward_model_loss
-from core.runtime import to_device
-from utils.train import DataOrder, Run, train, validate_common_args
+from training.args import add_common_args, check_args, common_problems
+from training.loop import Job, Updater, adamw, supervised_step
+from training.order import DataOrder
+from training.run import Run
 
 
 def parse_args(argv=None):
@@ -40,10 +42,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(args):
-    validate_common_args(args)                # bad flags and bad data stop the run before any model is built
-    if args.center_rewards < 0:
-        raise UserError(f"--center_rewards must be 0 (off) or positive (got {args.center_rewards})")
+def reward_problems(args) -> list[str]:
+    """What is wrong with the reward model's own flags."""
+    return [f"--center_rewards must be 0 (off) or positive (got {args.center_rewards})"] if args.center_rewards < 0 else []
+
+
+def build(args) -> Job:
+    """Everything up to the first step: checks, data, model (see training.loop.Job)."""
+    check_args(args, common_problems, reward_problems)   # bad flags and bad data stop the run before any model is built
     pairs = load_pairs(args.data_path)
     if args.margin:
         missing = [i for i, p in enumerate(pairs) if "margin" not in p]
@@ -55,6 +61,8 @@ def main(args):
     margins = torch.tensor([p.get("margin", 0.0) for p in kept])
     order = DataOrder(len(items), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,
                       what="pairs")
+    updater = Updater(run, adamw(run.trainable_parameters(), args.learning_rate), args.grad_clip,
+                      args.accumulation_steps)
     pad = run.tokenizer.pad_token_id
 
     def micro_step(indices):
@@ -68,7 +76,12 @@ def main(args):
                                           args.center_rewards)
         return loss, metrics, int(batch["attention_mask"].sum())
 
-    return train(run, order, micro_step, desc="reward", extra_meta={"kind": "reward_model"})
+    step = supervised_step(run, order, updater, micro_step, args.accumulation_steps)
+    return Job(run, order, updater, step, "reward", {"kind": "reward_model"})
+
+
+def main(args):
+    return build(args)()
 
 
 if __name__ == "__main__":

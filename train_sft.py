@@ -1,6 +1,6 @@
 """Supervised fine-tuning: the demo's SFT weights, and LoRA adapters such as lora_identity.
 
-    python train_sft.py                       # the shipped demo SFT model (out/full_sft_128/)
+    python train_sft.py                       # the shipped demo SFT model (out/full_sft_192/)
     python train_sft.py --save_dir model/demo # ... rebuilt in place of the shipped one
     python train_sft.py --use_lora 1 --from_weight full_sft --data_path dataset/identity.jsonl \
         --save_weight lora_identity --epochs 3 --learning_rate 2e-3
@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from dataset.batches import collate_sft
-from dataset.encoding import SFTDataset
-from dataset.formats import load_sft
-from utils.args import add_common_args
 from core.errors import run_cli
-from model.logprobs import token_logprobs
 from core.runtime import print0, to_device
-from utils.train import DataOrder, Run, train, validate_common_args
+from dataset.batches import collate_sft
+from dataset.encoding import encode_conversations
+from dataset.formats import load_sft
+from losses.sft import sft_loss
+from training.args import add_common_args, check_args, common_problems
+from training.loop import Job, Updater, adamw, supervised_step
+from training.order import DataOrder
+from training.run import Run
 
 DEMO_HIDDEN_SIZE, DEMO_LAYERS = 192, 4
 
@@ -42,35 +42,32 @@ def parse_args(argv=None):
     return args
 
 
-def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood over the loss_mask tokens of the batch.
-
-    logits (B, T, V), input_ids (B, T), loss_mask (B, T) with 1 on tokens to predict.
-    """
-    logps = token_logprobs(logits, input_ids)                # (B, T-1)
-    mask = loss_mask[:, 1:].to(logps.dtype)
-    return -(logps * mask).sum() / mask.sum().clamp(min=1)
-
-
-def main(args):
-    validate_common_args(args)                # bad flags and bad data stop the run before any model is built
+def build(args) -> Job:
+    """Everything up to the first step: checks, data, model (see training.loop.Job)."""
+    check_args(args, common_problems)         # bad flags and bad data stop the run before any model is built
     conversations = load_sft(args.data_path)
     run = Run(args, "sft")
-    data = SFTDataset(conversations, run.tokenizer, args.max_seq_len)
-    if data.skipped:
-        print0(f"skipped {data.skipped} conversation(s) whose last response does not fit --max_seq_len {args.max_seq_len}")
-    order = DataOrder(len(data), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,
+    items, skipped = encode_conversations(conversations, run.tokenizer, args.max_seq_len)
+    if skipped:
+        print0(f"skipped {skipped} conversation(s) whose last response does not fit --max_seq_len {args.max_seq_len}")
+    order = DataOrder(len(items), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,
                       what="conversations")
+    updater = Updater(run, adamw(run.trainable_parameters(), args.learning_rate), args.grad_clip,
+                      args.accumulation_steps)
     pad_id = run.tokenizer.pad_token_id
 
     def micro_step(indices):
-        batch = to_device(collate_sft([data[i] for i in indices], pad_id), run.device)
+        batch = to_device(collate_sft([items[i] for i in indices], pad_id), run.device)
         with run.autocast():
             logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
-        return loss, {}, int(batch["attention_mask"].sum())
+        loss, metrics = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+        return loss, metrics, int(batch["attention_mask"].sum())
 
-    return train(run, order, micro_step, desc="sft")
+    return Job(run, order, updater, supervised_step(run, order, updater, micro_step, args.accumulation_steps), "sft")
+
+
+def main(args):
+    return build(args)()
 
 
 if __name__ == "__main__":

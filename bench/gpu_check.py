@@ -307,7 +307,7 @@ def check_script(ctx: Context, name: str) -> dict:
 def resume_round_trip(ctx: Context) -> dict:
     """train_dpo.py in a child process, killed (SIGKILL) once its first resume file is whole,
     then --from_resume 1 in this process: it must resume at the saved step and log the next."""
-    from utils.checkpoint import load_latest_resume
+    from training.checkpoint import load_latest_resume
     out = tempfile.mkdtemp(dir=ctx.work, prefix="resume_")
     argv = script_argv("train_dpo", ctx.device, "float32", out, ctx.sizes)
     log = os.path.join(out, "log.txt")
@@ -594,7 +594,7 @@ def dpo_throughput(ctx: Context, peaks: dict) -> dict:
 @contextlib.contextmanager
 def sampling_clock(device: str):
     """Times every HFRolloutEngine.generate while inside: yields the list of (seconds, tokens)."""
-    from utils.rollout import HFRolloutEngine
+    from rl.rollout import HFRolloutEngine
     calls, original = [], HFRolloutEngine.generate
 
     def timed(self, prompt_ids, num_generations):
@@ -629,7 +629,7 @@ def gpo_throughput(ctx: Context) -> dict:
 def sampling_prompts(ctx: Context, tok):
     """The GPO bench's prompts, left-padded on the device: (ids (P, Tp), mask (P, Tp))."""
     from dataset.batches import pad_with_mask
-    from utils.rl import encode_prompts
+    from dataset.encoding import encode_prompts
     s = ctx.sizes
     rows = bench_run().group_rows(s.gpo_prompts, s.gpo_prompt_len, tok)
     ids = encode_prompts(tok, rows, 10 ** 6)
@@ -637,7 +637,7 @@ def sampling_prompts(ctx: Context, tok):
 
 
 def decoding_throughput(ctx: Context) -> dict:
-    """Tokens per second of our decoding loop (utils.rollout.decode, fp32 weights under bf16
+    """Tokens per second of our decoding loop (rl.rollout.decode, fp32 weights under bf16
     autocast, as the scripts sample) and of the model's own ``generate`` with a static cache, eager
     and (on CUDA) compiled, on a bf16 copy of the weights (how ``generate`` is usually run, and
     the stronger baseline); same prompts, G and length, sampling at temperature 1, tokens counted
@@ -645,7 +645,7 @@ def decoding_throughput(ctx: Context) -> dict:
     import copy
     import torch
     from dataset.encoding import stop_ids
-    from utils.rollout import decode, response_mask_after_prompt, token_sampler
+    from rl.rollout import decode, response_mask_after_prompt, token_sampler
     model, tok = ctx.load_model()
     plain = copy.deepcopy(model).to(torch.bfloat16) if ctx.cuda else model
     prompts, mask = sampling_prompts(ctx, tok)

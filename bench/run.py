@@ -117,12 +117,13 @@ def ours_dpo(a, data: str, tmp: str):
 
 
 def timed_steps(job):
-    """(step, batches per epoch) of a utils.train.Job: step() runs one training step, returns its tokens."""
-    from utils.train import TrainState
+    """(step, batches per epoch) of a training.loop.Job: step() runs one training step at the peak
+    learning rate, returns its tokens."""
+    from training.order import TrainState
     state = TrainState()
 
     def step():
-        _, tokens = job.one_step(state, job.optimizer.param_groups[0]["lr"])
+        _, tokens = job.one_step(state)
         return tokens
     return step, job.order.batches_per_epoch
 
@@ -394,7 +395,7 @@ def precompute_seconds(a) -> float:
         data = write_jsonl(rows, os.path.join(tmp, "pairs.jsonl"))
         args = train_dpo.parse_args(["--from_weight", a.model, "--data_path", data, "--device", a.device,
                                      "--save_dir", tmp, "--checkpoint_dir", tmp, "--max_seq_len", str(a.max_len)])
-        from utils.train import Run
+        from training.run import Run
         run = Run(args, "dpo", reference="shared")
         items, _ = tokenize_pairs(load_pairs(data), run.tokenizer, a.max_len, data)
         train_dpo.precompute_reference(run, items, 2 * a.batch_size, "sum")      # warm-up

@@ -5,6 +5,8 @@ import contextlib
 import os
 import shutil
 
+from safetensors.torch import save_file
+
 
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "w", **open_kwargs):
@@ -51,7 +53,6 @@ def atomic_dir(path: str):
 
 def write_tensor_files(folder: str, files: dict | None) -> None:
     """Each ``{file name: {key: tensor}}`` as a safetensors file in ``folder``."""
-    from safetensors.torch import save_file
     for name, tensors in (files or {}).items():
         save_file(tensors, os.path.join(folder, name))
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import resource
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,9 +67,12 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class DistInfo:
+    """This process's place among the torchrun processes, and the collectives every rank calls
+    at the same point (each does nothing with one process)."""
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    device: torch.device = torch.device("cpu")     # where the collectives' tensors live (NCCL: the GPU)
 
     @property
     def enabled(self) -> bool:
@@ -77,6 +82,47 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (so all ranks stop at the same step)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def all_mean(self, values: list[float]) -> list[float]:
+        """The mean over ranks of each value."""
+        if not self.enabled or not values:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / self.world_size).tolist()
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a tensor (a copy; the tensor itself is left as it is)."""
+        if not self.enabled:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t
+
+    def all_gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's values (the same shape on every rank), concatenated in rank order, on CPU."""
+        if not self.enabled:
+            return values
+        t = values.to(self.device)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t)
+        return torch.cat(out).cpu()
+
+    def all_objects(self, obj) -> list:
+        """Every rank's picklable ``obj``, in rank order."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
 
 def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
     """Join the torchrun process group if launched by torchrun (NCCL on CUDA, gloo on CPU).
@@ -85,7 +131,8 @@ def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
     ``cuda:LOCAL_RANK`` whatever ``--device`` said; otherwise ``--device``.
     """
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return DistInfo(), check_device(device)
+        dev = check_device(device)
+        return DistInfo(device=dev), dev
     info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
     dev = check_device(device)
     if dev.type == "cuda":
@@ -96,6 +143,7 @@ def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
         backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
+    info.device = dev
     return info, dev
 
 
@@ -109,8 +157,6 @@ def peak_memory_gb(device: torch.device) -> float:
     resident set size (everything: libraries, weights, activations) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource
-    import sys
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2 ** 30 if sys.platform == "darwin" else rss / 2 ** 20    # bytes on macOS, KiB on Linux
 

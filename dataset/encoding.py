@@ -131,23 +131,12 @@ def encode_conversation(tokenizer, messages: list[dict], max_len: int):
     return ids[-max_len:], mask[-max_len:]
 
 
-class SFTDataset(torch.utils.data.Dataset):
-    """Tokenized conversations; ``skipped`` counts those too long for ``max_len``."""
-
-    def __init__(self, conversations: list[list[dict]], tokenizer, max_len: int):
-        self.items, self.skipped = [], 0
-        for msgs in conversations:
-            enc = encode_conversation(tokenizer, msgs, max_len)
-            if enc is None:
-                self.skipped += 1
-            else:
-                self.items.append(enc)
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
+def encode_conversations(conversations: list[list[dict]], tokenizer, max_len: int):
+    """(items, skipped): ``encode_conversation`` of each conversation that fits ``max_len``, and
+    how many did not (their last response is longer)."""
+    encoded = [encode_conversation(tokenizer, msgs, max_len) for msgs in conversations]
+    items = [e for e in encoded if e is not None]
+    return items, len(encoded) - len(items)
 
 
 def encode_pair(pair: dict, tokenizer, max_len: int):
@@ -184,3 +173,24 @@ def tokenize_pairs(pairs: list[dict], tokenizer, max_len: int, path: str):
     if not items:
         raise UserError(f"no pair in {path} fits --max_seq_len {max_len}; raise it")
     return items, kept
+
+
+def encode_prompts(tokenizer, prompts: list[dict], max_prompt_len: int, thinking_ratio: float | None = None,
+                   seed: int = 0) -> list[list[int]]:
+    """Token ids of each prompt row (``{"prompt": messages, ...}``), cut from the left to
+    ``max_prompt_len``.
+
+    thinking_ratio p (--thinking_ratio): a share p of the prompts, drawn once from ``seed`` (so
+    a resumed run sees the same ones), is rendered with the template's thinking switch on and the
+    rest with it off, as MiniMind's RLAIF data does; a template without a switch says so once."""
+    switches = [{} for _ in prompts]
+    if thinking_ratio is not None:
+        name = thinking_switch(tokenizer)
+        if name is None:
+            print0(f"--thinking_ratio {thinking_ratio} does nothing: the chat template has no thinking switch "
+                   f"(enable_thinking / open_thinking)")
+        else:
+            on = (torch.rand(len(prompts), generator=torch.Generator().manual_seed(seed)) < thinking_ratio).tolist()
+            switches = [{name: value} for value in on]
+            print0(f"--thinking_ratio {thinking_ratio}: {sum(on)} of {len(prompts)} prompts with {name}=True")
+    return [encode_prompt(tokenizer, p["prompt"], **kw)[-max_prompt_len:] for p, kw in zip(prompts, switches)]

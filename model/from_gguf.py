@@ -14,9 +14,12 @@ import argparse
 import os
 
 import torch
+from gguf import GGUFReader
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-from model.export import export
 from core.errors import UserError, run_cli
+from model.export import export
 
 GGUF_MAGIC = b"GGUF"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,11 +43,6 @@ def gguf_architecture(path: str) -> str:
         if f.read(4) != GGUF_MAGIC:
             raise UserError(f"{path}: not a GGUF file (it does not start with 'GGUF'); give a .gguf model file")
     try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise UserError("reading GGUF needs the gguf package: pip install -r requirements.txt")
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-    try:
         field = GGUFReader(path).fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode("utf-8")
     except Exception as e:
@@ -58,7 +56,6 @@ def gguf_architecture(path: str) -> str:
 
 def load_gguf(path: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a GGUF file, through transformers' own GGUF loader."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = os.path.split(os.path.abspath(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,6 +22,17 @@ from model.strict import key_mismatch
 HEAD_FILE = "value_head.safetensors"
 
 
+@dataclass
+class WeightsToSave:
+    """One folder a trained module saves: under ``name`` (``{name}_{hidden_size}``), the LM's
+    ``adapter``, with ``meta`` added to its minialign.json and ``tensors`` ({file: {key: tensor}})
+    written beside the weights. training.run.Run saves what a module's ``saves(name)`` lists."""
+    name: str
+    adapter: str = "default"
+    meta: dict = field(default_factory=dict)
+    tensors: dict = field(default_factory=dict)
+
+
 class ValueHeadModel(torch.nn.Module):
     """lm's transformer body, then Linear(hidden, 1): values (B, T) in fp32.
 
@@ -28,6 +40,7 @@ class ValueHeadModel(torch.nn.Module):
     beside the policy's on the same base weights); None: whatever adapter is active.
     zero_head: start the head at 0 (every value 0) instead of small random weights.
     """
+    is_reward_model = True      # its values score responses (evaluation scores pairs with them)
 
     def __init__(self, lm, seed: int = 0, adapter: str | None = None, zero_head: bool = False):
         super().__init__()
@@ -51,6 +64,10 @@ class ValueHeadModel(torch.nn.Module):
             hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,   # the decoder, any family
                                         position_ids=position_ids).last_hidden_state   # (B, T, H)
         return self.head(hidden).squeeze(-1).float()                              # (B, T)
+
+    def saves(self, name: str) -> list[WeightsToSave]:
+        """The LM's adapter (or whole weights) under ``name``, with the head beside it."""
+        return [WeightsToSave(name, tensors={HEAD_FILE: self.head_state()})]
 
     def head_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.head.state_dict().items()}
@@ -79,6 +96,7 @@ class ActorCritic(ValueHeadModel):
     plus the value head as the critic; with every adapter off it is the reference. One forward
     returns both, so one DDP wrapper synchronises the gradients of both.
     """
+    is_reward_model = False     # a policy: evaluation scores it as a language model
 
     def __init__(self, lm, critic_adapter: str = "critic", seed: int = 0, zero_head: bool = True):
         super().__init__(lm, seed=seed, adapter=critic_adapter, zero_head=zero_head)
@@ -89,6 +107,13 @@ class ActorCritic(ValueHeadModel):
         (B, T-1) or None): entry t scores input_ids[:, t+1] (model.logprobs.token_logprobs's layout)."""
         logps, entropy = policy_forward(self.lm, input_ids, attention_mask, temperature, first_needed, with_entropy)
         return logps, self.values(input_ids, attention_mask)[:, :-1], entropy
+
+    def saves(self, name: str) -> list[WeightsToSave]:
+        """The policy's adapter under ``name``; the critic's adapter with the head under the
+        critic's name: ppo_actor -> ppo_critic, any other name -> <name>_critic."""
+        critic = name.replace("actor", "critic") if "actor" in name else name + "_critic"
+        return [WeightsToSave(name),
+                WeightsToSave(critic, self.adapter, {"kind": "critic"}, {HEAD_FILE: self.head_state()})]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ from eval_align import main as eval_main, parse_args as eval_args
 from tests.conftest import first_lines
 from core.files import project_path
 from core.errors import UserError
-from utils.evaluation import answer_sums, eval_arg_problems, pass_sums, rates
-from utils.rewards import RewardFunctions, check_reward_flags, rewards_from_args
+from training.evaluation import answer_sums, eval_arg_problems, pass_sums, rates
+from rl.rewards import RewardFunctions, rewards_from_args
 
 # A judge in another answer form: "#### 42" (GSM8K style), exact or within the line's own
 # "tolerance" field; a response with no "####" scores 0, one off by at most 2*tolerance scores 0.5.
@@ -105,8 +105,9 @@ def test_the_accuracy_reward_uses_the_same_judge(judges):
 
 
 def test_a_bad_judge_stops_the_flag_checks(judges):
-    with pytest.raises(UserError, match="--answer_check nowhere_module:f: cannot import"):
-        check_reward_flags(reward_args(answer_check="nowhere_module:f"))
+    import train_gpo
+    with pytest.raises(UserError, match="--answer_check nowhere_module:f: cannot import"):    # before any model
+        train_gpo.build(train_gpo.parse_args(["--answer_check", "nowhere_module:f", "--device", "cpu"]))
     problems = eval_arg_problems(argparse.Namespace(answer_check="nowhere_module:f", eval_data=None, save_best=1))
     assert len(problems) == 2 and problems[0].startswith("--answer_check nowhere_module:f: cannot import")
 

@@ -39,7 +39,7 @@ def groups(vocab: int, P: int = 3, G: int = 2, Tp: int = 7, Lr: int = 5):
 @pytest.mark.parametrize("packed", [True, False])
 def test_bf16_autocast_logprobs_and_dpo_loss_match_fp32(tiny_model, packed):
     from model.logprobs import grouped_token_logprobs, masked_reduce
-    from utils.losses import dpo_loss
+    from losses.preference import dpo_loss
     model, tok = tiny_model
     model = model.cuda()
     seqs, am, keep, Tp = groups(len(tok))
@@ -63,19 +63,19 @@ def test_fp16_grad_scaler_through_the_dpo_step(tiny_dir, tmp_path):
     args = run_args(train_dpo.parse_args, tmp_path, data, os.path.join(tiny_dir, "full_sft_32"), "--device", "cuda:0",
                     "--dtype", "float16", "--max_steps", "3", "--epochs", "1")
     job = train_dpo.build(args)
-    assert job.run.scaler.is_enabled()
+    assert job.updater.scaler.is_enabled()
     before = {n: p.detach().clone() for n, p in job.run.base_model.named_parameters() if p.requires_grad}
     job()
     after = dict(job.run.base_model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
     ckpt = torch.load(job.run.resume_file, map_location="cpu", weights_only=True)
     assert ckpt["scaler"]["scale"] > 0 and ckpt["step"] == 3
-    assert job.run.skipped_updates < 3                      # the scaler may skip its first step, not all
+    assert job.updater.skipped < 3                      # the scaler may skip its first step, not all
 
 
 def test_decoding_on_cuda_picks_the_cpu_greedy_tokens(tiny_model):
     from dataset.batches import pad_with_mask
-    from utils.rollout import decode, token_sampler
+    from rl.rollout import decode, token_sampler
     model, tok = tiny_model
     ids = [sample_ids(len(tok), (1, n), seed=n)[0].tolist() for n in (4, 9, 6)]
     prompts, mask = pad_with_mask(ids, tok.pad_token_id, side="left")

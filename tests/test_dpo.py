@@ -18,7 +18,7 @@ from model import LMConfig, apply_lora, init_model, save_lora
 from train_dpo import main, pair_logprobs, parse_args, precompute_reference
 from conftest import ADAPTER_FILES, first_lines, free_port, interrupt_after, run_args
 from core.errors import UserError
-from utils.train import Run
+from training.run import Run
 
 TINY = ["--hidden_size", "32", "--num_hidden_layers", "2"]
 

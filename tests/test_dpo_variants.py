@@ -1,6 +1,6 @@
 """SimPO, APO-zero, the RPO term and the over-optimisation warning: by hand, invariants, end to end.
 
-Hand values (utils/losses.py):
+Hand values (losses/preference.py):
   apo_zero  l_pol(y+) = -1, l_pol(y-) = -3, l_ref = -2 both, beta = 0.5: the chosen log-ratio is 1,
             the rejected -1, loss (1 - s(0.5)) + s(-0.5) = 2 s(-0.5) = 2 / (1 + e^0.5)  = 0.7550813
   simpo     l(y+) = -1, l(y-) = -1.5 (per-token means), beta = 2, gamma = 0.5:
@@ -18,7 +18,7 @@ import train_dpo
 from train_dpo import OveroptimisationWatch, build, main, parse_args
 from test_dpo import args_for, rows, save_dir, small_pairs  # noqa: F401 (fixtures)
 from core.errors import UserError
-from utils.losses import dpo_loss, rpo_nll, simpo_loss
+from losses.preference import dpo_loss, rpo_nll, simpo_loss
 
 PC, PR, RC, RR = (torch.tensor([v]) for v in (-1.0, -3.0, -2.0, -2.0))
 

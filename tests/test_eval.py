@@ -45,7 +45,7 @@ def test_missing_answer_field_is_reported(tmp_path, tiny_dir):
 
 
 def test_shipped_lora_identity_knows_who_it_is():
-    from utils.evaluation import generate_responses as greedy_responses
+    from training.evaluation import generate_responses as greedy_responses
     from model import LMConfig, init_model
     model, tok = init_model(LMConfig(), "lora_identity", save_dir="no_such_dir")
     texts, _ = greedy_responses(model, tok, [[{"role": "user", "content": "Who are you?"}],

@@ -25,7 +25,7 @@ from model.loading import add_lora_weight, disable_dropout
 from model.lora import apply_lora, default_targets
 from model import logprobs
 from model.logprobs import grouped_token_logprobs, model_token_logprobs, target_logprobs
-from utils.rollout import HFRolloutEngine
+from rl.rollout import HFRolloutEngine
 
 NAMES = [f.name for f in FAMILIES] + ["minimind"]
 
@@ -176,7 +176,7 @@ def test_dropout_is_off_so_policy_and_reference_agree_at_step_0(zoo, tmp_path):
 
 def test_the_default_learning_rate_is_the_demos_on_demo_weights_and_the_real_value_elsewhere(zoo, tiny_dir, capsys):
     from model.loading import SHIPPED_DIR, WeightSource, demo_weights, load_tokenizer
-    from utils.train import choose_learning_rate
+    from training.run import choose_learning_rate
     for script, demo, real in ((train_dpo, 3e-4, 1e-4), (train_gpo, 2e-3, 5e-5), (train_grpo, 1e-3, 5e-5),
                                (train_ppo, 3e-3, 5e-5), (train_reward, 1e-3, 1e-4)):
         def chosen(source, tokenizer, *extra):
@@ -203,7 +203,7 @@ def test_rl_scripts_cut_a_real_models_step_into_small_forwards(zoo, tmp_path, ca
     """--accumulation_steps left out: 1 on the demo's weights; on others the fewest micro-batches
     of at most the script's cap (PPO 8, GPO and GRPO 64; the group scripts whole groups where
     possible), printed when it cuts; chosen by the run itself, before its first step."""
-    from utils.rl import choose_micro_batches
+    from rl.start import choose_micro_batches
 
     def chosen(script, why, *extra, group=1):
         args = script.parse_args(list(extra))

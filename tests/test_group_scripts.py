@@ -90,7 +90,7 @@ def test_torchrun_two_processes_then_one(tmp_path, prompts, tiny_dir, script, ex
     assert [r["step"] for r in rows(metrics)] == [1, 2]
     if eval_pairs:    # the held-out pairs were split across the two ranks: their sums give one process's scores
         import eval_align
-        from utils.evaluation import pair_scores, pair_sums, rates
+        from training.evaluation import pair_scores, pair_sums, rates
         model, tok, _ = load_for_inference(eval_align.parse_args(["--from_weight", args[3], "--lora_weight",
                                                                   str(tmp_path / "out" / "gpo_32")]))
         alone = rates(pair_sums(*pair_scores(model, tok, load_pairs(eval_pairs), 256, 8, "cpu")))

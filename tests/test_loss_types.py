@@ -1,4 +1,4 @@
-"""The --loss_type menu (utils.rl.policy_loss) by hand, and its exactness under accumulation and ranks.
+"""The --loss_type menu (losses.policy.policy_loss) by hand, and its exactness under accumulation and ranks.
 
 Hand setup: two responses, mask [[1, 1, 1], [1, 0, 0]], advantages A = [1, -2], logps = old
 (ratio 1), so each PPO-clip token loss is -A: three tokens of -1, one of +2.
@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from utils.rl import (AGGREGATION_TYPES, LOSS_TYPES, group_loss_mask, loss_normaliser, overlong_penalty, policy_loss, step_normalisers,
-                      zero_std_groups)
+from losses.policy import (AGGREGATION_TYPES, LOSS_TYPES, group_loss_mask, loss_normaliser, overlong_penalty,
+                           policy_loss, step_normalisers, zero_std_groups)
 
 MASK = torch.tensor([[1, 1, 1], [1, 0, 0]])
 ADV = torch.tensor([1.0, -2.0])

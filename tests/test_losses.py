@@ -16,7 +16,7 @@ import torch
 
 from dataset.batches import collate_pairs
 from model.logprobs import model_sequence_logprobs, sequence_logprobs
-from utils.losses import DPO_LOSS_TYPES, dpo_loss
+from losses.preference import DPO_LOSS_TYPES, dpo_loss
 
 PC, PR, RC, RR = (torch.tensor([v]) for v in (-1.0, -3.0, -2.0, -2.0))
 SP1, SPM1 = math.log(1 + math.exp(-1)), math.log(1 + math.e)  # -log s(1), -log s(-1)

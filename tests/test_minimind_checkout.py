@@ -89,7 +89,7 @@ def test_names_resolve_in_the_checkout(checkout, monkeypatch, capsys):
 
 def test_minimind_rlaif_rows_are_prompts_without_answers(checkout):
     from dataset.formats import load_prompts
-    from utils.rewards import check_answers
+    from rl.rewards import check_answers
     root, written = checkout
     prompts = load_prompts(written["rlaif"])                    # the trailing assistant turn ("无") is dropped
     assert len(prompts) == 8 and all([m["role"] for m in p["prompt"]] == ["user"] for p in prompts)

@@ -16,12 +16,13 @@ import train_dpo
 import train_gpo
 import train_grpo
 import train_ppo
-import utils.train
+import training.run
+from training.args import find_data_file
 from conftest import first_lines, run_args
 from dataset.encoding import encode_prompt, thinking_switch
 from model.reward_model import RewardModel
 from core.errors import UserError
-from utils.rl import encode_prompts
+from dataset.encoding import encode_prompts
 
 # MiniMind's flags as its argparse declares them (jingyaogong/minimind, trainer/*.py), with its
 # defaults, and what ours does with each: "ok" (parsed with that value, the run goes on to build
@@ -88,10 +89,10 @@ class ModelBuilt(Exception):
 
 @pytest.fixture
 def no_model(monkeypatch):
-    """Runs stop where the model would be built, with ModelBuilt (utils.train.Run is every script's)."""
+    """Runs stop where the model would be built, with ModelBuilt (training.run.Run is every script's)."""
     def stop(self, *a, **kw):
         raise ModelBuilt
-    monkeypatch.setattr(utils.train.Run, "__init__", stop)
+    monkeypatch.setattr(training.run.Run, "__init__", stop)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,8 @@ def test_every_minimind_flag_is_taken_or_refused_in_one_line(minimind, script, r
     if expected in ("ok", "parsed"):
         dest = flag[2:]
         got = getattr(args, ALIASES.get(dest, dest))
-        assert got == (True if value is None else type(got)(value)), (flag, got)
+        want = True if value is None else find_data_file(value) if flag == "--data_path" else type(got)(value)
+        assert got == want, (flag, got)           # --data_path: MiniMind's ../dataset/x.jsonl is found here
     if expected == "parsed":
         return
     result = outcome(script, base_argv(script, data, tmp_path, tiny_dir) + given)

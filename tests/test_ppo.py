@@ -9,19 +9,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import rl.ppo
 import train_ppo
 import train_reward
 from conftest import ADAPTER_FILES, first_lines, free_port, run_args
 from model.lora import adapter_parameters
 from model.reward_model import RewardModel
 from model.value_head import HEAD_FILE
-from utils.checkpoint import load_resume
+from training.checkpoint import load_resume
 from core.errors import UserError
 from model.logprobs import model_token_logprobs
-from utils.ppo import actor_critic_builder, make_ppo_step, ppo_optimizers
-from utils.rewards import rewards_from_args
-from utils.rl import reward_samples, start_rl_run
-from utils.train import TrainState
+from rl.ppo import PPOSettings, actor_critic_builder, make_ppo_step, ppo_optimizers
+from rl.rewards import rewards_from_args
+from training.loop import Updater
+from rl.start import start_rl_run
+from training.order import TrainState
 
 TINY = ["--num_generations", "2", "--max_gen_len", "6", "--batch_size", "4"]
 METRICS = ("reward", "reward_std", "kl", "rlhf_reward", "approx_kl", "clip_ratio", "value_loss", "value_clip_ratio",
@@ -68,13 +70,12 @@ def critic_dir(actor_dir):
 
 
 def test_tiny_run_logs_every_metric_and_saves_actor_and_critic(tmp_path, prompts, tiny_dir, capsys, monkeypatch):
-    import utils.rl
-    calls, policy_loss = [], utils.rl.policy_loss
+    calls, policy_loss = [], rl.ppo.policy_loss
 
     def recording(logps, old_logps, *a, **kw):
         calls.append((logps.detach().clone(), old_logps.clone()))
         return policy_loss(logps, old_logps, *a, **kw)
-    monkeypatch.setattr(utils.rl, "policy_loss", recording)
+    monkeypatch.setattr(rl.ppo, "policy_loss", recording)
     out = train_ppo.main(args_for(tmp_path, prompts, tiny_dir, "--max_steps", "2", "--debug_mode", "--debug_interval",
                                   "1", "--missing_eos_penalty", "1", "--critic_learning_rate", "3e-3"))
     assert torch.equal(*calls[0])                 # the first update's ratio is exactly 1: old and new, one computation
@@ -127,7 +128,8 @@ def test_one_copy_of_the_base_weights_and_a_frozen_reference(tmp_path, prompts, 
     from dataset.formats import load_prompts
     data = load_prompts(args.data_path)
     shared = {}
-    run, order, prompt_ids, engine = start_rl_run(args, "ppo", data, wrap=actor_critic_builder(args, shared))
+    run, source, _ = start_rl_run(args, "ppo", data, wrap=actor_critic_builder(args, shared))
+    engine, prompt_ids = source.engine, source.ids
     assert "an adapter on the policy's own base weights" in capsys.readouterr().out
     lm, rm = run.lm, shared["model"]
     assert rm.model.lm is lm and run.ref_model is None and engine.model is lm
@@ -160,13 +162,11 @@ def test_one_copy_of_the_base_weights_and_a_frozen_reference(tmp_path, prompts, 
     assert torch.allclose(ref_before, plain_logps, atol=1e-5)                    # reference = the SFT weights
 
     rewards = rewards_from_args(args, reward_model=rm)
-    optimizers = ppo_optimizers(run)
-    G = args.num_generations
-    step = make_ppo_step(run, order, data, prompt_ids, engine, optimizers,
-                         lambda rows_, r: reward_samples(rewards, rows_, r.texts, G))
+    updater = Updater(run, ppo_optimizers(run.base_model, args.learning_rate), args.grad_clip, args.accumulation_steps)
+    step = make_ppo_step(run, source, updater, rewards.score_rollout, PPOSettings.from_args(args))
     state = TrainState()
     for _ in range(2):
-        metrics, _ = step(state, args.learning_rate)
+        metrics, _ = step(state)
     assert "rewards/reward_model" in metrics
     with torch.no_grad():
         policy_after = model_token_logprobs(lm, seqs, am, 1.0, first)

@@ -1,12 +1,12 @@
-"""PPO's pure functions (utils/ppo.py) against hand computations, plus invariants."""
+"""PPO's pure functions (losses/ppo.py) against hand computations, plus invariants."""
 import math
 
 import pytest
 import torch
 
-from utils.ppo import (approx_kl, clipped_value_loss, explained_variance, gae, kl_per_token, masked_whiten,
-                       token_rewards)
-from utils.rl import policy_loss
+from losses.ppo import (approx_kl, clipped_value_loss, explained_variance, gae, kl_per_token, masked_whiten,
+                        token_rewards)
+from losses.policy import policy_loss
 
 # One sample, L = 5 predicted tokens: a prompt position, three response tokens, a pad.
 MASK = torch.tensor([[0, 1, 1, 1, 0]])
@@ -104,14 +104,14 @@ def test_value_loss_clipping_by_hand():
     values = torch.tensor([[1.0, 0.0, 0.5]], requires_grad=True)
     old, returns, mask = torch.tensor([[0.5, 0.5, 0.5]]), torch.tensor([[1.0, 1.0, 0.0]]), torch.ones(1, 3)
     # clipped values 0.7, 0.3, 0.5; squared errors unclipped 0, 1, 0.25 and clipped 0.09, 0.49, 0.25
-    loss, clip_frac = clipped_value_loss(values, old, returns, mask, clip=0.2)
+    loss, metrics = clipped_value_loss(values, old, returns, mask, clip=0.2)
     assert loss.item() == pytest.approx(0.5 * (0.09 + 1 + 0.25) / 3)
-    assert float(clip_frac) == pytest.approx(1 / 3)
+    assert float(metrics["value_clip_ratio"]) == pytest.approx(1 / 3)
     loss.backward()
     # token 0: the clipped term wins and is flat in V (no gradient); tokens 1, 2: (V - R) / 3
     assert values.grad[0].tolist() == pytest.approx([0.0, -1 / 3, 0.5 / 3])
     plain, none = clipped_value_loss(values.detach(), old, returns, mask, clip=0)
-    assert float(plain) == pytest.approx(0.5 * (0 + 1 + 0.25) / 3) and float(none) == 0
+    assert float(plain) == pytest.approx(0.5 * (0 + 1 + 0.25) / 3) and float(none["value_clip_ratio"]) == 0
 
 
 def test_value_loss_ignores_tokens_off_the_mask():

@@ -24,7 +24,7 @@ import train_grpo
 import train_ppo
 import train_reward
 from conftest import first_lines, free_port
-from utils.checkpoint import kept_resume_files, load_resume
+from training.checkpoint import kept_resume_files, load_resume
 from core.errors import RunHalted, UserError
 
 pytestmark = pytest.mark.slow
@@ -235,12 +235,12 @@ def test_a_resume_file_from_other_arguments_says_what_differs(name, tmp_path, da
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, data, tiny_dir, monkeypatch, capsys):
     """A loss that turns nan at chosen steps (a bad batch, an overflow): its update is skipped."""
-    from utils.logging import RunLogger
-    from utils.train import Run
-    backward, log_step = Run.backward, RunLogger.step
+    from training.logging import RunLogger
+    from training.loop import Updater
+    backward, log_step = Updater.backward, RunLogger.step
     done, nan_steps = [], set()
     monkeypatch.setattr(RunLogger, "step", lambda self, n, m, **kw: (done.append(n), log_step(self, n, m, **kw))[1])
-    monkeypatch.setattr(Run, "backward",
+    monkeypatch.setattr(Updater, "backward",
                         lambda self, loss: backward(self, loss * float("nan") if len(done) + 1 in nan_steps else loss))
 
     run_here("dpo", tmp_path / "two", data, tiny_dir, "--stop_after_steps", "2")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from core.errors import UserError
-from utils.losses import reward_model_loss
-from utils.rewards import (RewardFunctions, accuracy_reward, format_reward, length_reward, load_reward_function,
-                           parse_reward_args, repeated_ngram_share, repetition_reward)
+from losses.preference import reward_model_loss
+from rl.rewards import (RewardFunctions, accuracy_reward, format_reward, length_reward, load_reward_function,
+                        parse_reward_args, repeated_ngram_share, repetition_reward)
 
 EN_Q = [{"role": "user", "content": "What is 3 plus 4?"}]
 ZH_Q = [{"role": "user", "content": "3加4等于多少？"}]
@@ -104,18 +104,18 @@ def test_reward_model_loss_hand_values():
 
 def test_reward_flags_build_the_rewards(tiny_dir):
     import argparse
-    from utils.args import add_reward_args, add_rollout_args, rollout_arg_problems
-    from utils.rewards import rewards_from_args
+    from rl.args import add_reward_args, add_rollout_args, rollout_problems
+    from rl.rewards import rewards_from_args
     p = argparse.ArgumentParser()
     add_rollout_args(p)
     add_reward_args(p)
     args = p.parse_args([])
-    assert rollout_arg_problems(args) == []
+    assert rollout_problems(args) == []
     r = rewards_from_args(args)
     assert r.names == ["accuracy"] and r.reward_model is None
     args = p.parse_args(["--reward_funcs", "accuracy,format", "--reward_weights", "1,0.5", "--reward_clip", "1",
                          "--temperature", "0", "--top_p", "1.5"])
     assert rewards_from_args(args).weights == [1.0, 0.5]
-    assert rollout_arg_problems(args) == ["--temperature must be positive (got 0.0)", "--top_p must be in (0, 1] (got 1.5)"]
+    assert rollout_problems(args) == ["--temperature must be positive (got 0.0)", "--top_p must be in (0, 1] (got 1.5)"]
     with pytest.raises(UserError, match="no such folder"):
         rewards_from_args(p.parse_args(["--reward_model", "/nowhere"]))

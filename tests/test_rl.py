@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from model.logprobs import masked_reduce, model_token_logprobs
-from utils.rl import group_advantages, k3_kl, policy_loss
+from losses.policy import group_advantages, k3_kl, policy_loss
 
 R = torch.tensor([1.0, 0, 0, 1, 2, 2, 2, 2])
 EPS = 1e-4

@@ -7,7 +7,7 @@ from dataset.encoding import encode_prompt
 from dataset.formats import load_prompts
 from model import LMConfig, init_model
 from model.logprobs import model_token_logprobs, token_logprobs
-from utils.rollout import HFRolloutEngine, decode, response_mask_after_prompt, token_sampler
+from rl.rollout import HFRolloutEngine, decode, response_mask_after_prompt, token_sampler
 
 
 def test_response_mask_stops_after_the_first_end_token():

@@ -12,9 +12,10 @@ from dataset.batches import collate_pair_groups, collate_pairs, pad_with_mask
 from model.lora import apply_lora
 from model.logprobs import (grouped_token_logprobs, model_sequence_logprobs, model_token_logprobs,
                             packed_prompt_logprobs, policy_forward, shared_prompt_logprobs, takes_tree_mask)
-from utils.losses import dpo_loss
+from losses.preference import dpo_loss
 from model.packing import first_fit, pack_groups
-from utils.rl import policy_loss, shuffled_rows
+from losses.policy import policy_loss
+from rl.step import shuffled_rows
 
 WAYS = ["packed", "cached", "packed-eager"]      # how the grouped forward runs
 

@@ -129,7 +129,7 @@ def test_model_folder_loads_and_answers(prepared):
     import torch
 
     from model import LMConfig, init_model
-    from utils.evaluation import generate_responses
+    from training.evaluation import generate_responses
     out, _ = prepared
     model, tok = init_model(LMConfig(), str(out / "model"))
     assert sum(p.numel() for p in model.parameters()) > 130e6 and tok.eos_token == "<|im_end|>"
@@ -143,7 +143,7 @@ def test_model_folder_loads_and_answers(prepared):
 @pytest.mark.skipif(not HAVE_WHEELS, reason="needs recipes/smollm2's packages (see its README)")
 def test_scorer_through_answer_check_and_accuracy_reward(prepared):
     from dataset.answers import AnswerCheck
-    from utils.rewards import RewardFunctions
+    from rl.rewards import RewardFunctions
     out, _ = prepared
     rows = load_prompts(str(out / "heldout.jsonl"))
     check = AnswerCheck("recipes.smollm2.scoring:score")

@@ -10,7 +10,7 @@ import train_gpo
 import train_reward
 from conftest import first_lines, run_args
 from core.errors import UserError
-from utils.evaluation import pass_sums, rates
+from training.evaluation import pass_sums, rates
 
 GROUP = ["--num_generations", "2", "--max_gen_len", "6", "--reward_funcs", "tests.helpers.toy_rewards:char_count",
          "--learning_rate", "1e-2"]

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from model import LMConfig, apply_lora, build_model
-from utils.checkpoint import capture_rng, check_resume_args, restore_rng, upgraded_resume_args
+from training.checkpoint import capture_rng, check_resume_args, restore_rng, upgraded_resume_args
 from core.errors import UserError
-from utils.logging import RunLogger, WandbLogger
+from training.logging import RunLogger, WandbLogger
 from core.runtime import DistInfo, autocast_context, check_device, grad_scaler
-from utils.schedule import cosine_lr
-from utils.train import DataOrder, rescaled_position
+from training.loop import cosine_lr
+from training.order import DataOrder, rescaled_position
 
 
 def test_cosine_schedule_matches_minimind():

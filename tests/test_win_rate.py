@@ -15,7 +15,7 @@ import torch
 from dataset.demo_world import on_point
 from eval_align import main, parse_args
 from core.errors import UserError
-from utils.evaluation import rates, win_sums
+from training.evaluation import rates, win_sums
 
 NEW, START = torch.tensor([2.0, 1.0, 0.5, 0.0]), torch.tensor([1.0, 0.98, 0.9, 0.0])
 REJECTED = torch.tensor([1.5, 1.5, 0.0, 0.0])

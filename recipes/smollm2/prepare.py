@@ -185,7 +185,7 @@ def sample_pairs(model, tokenizer, rows: list[dict], samples: int, max_gen_len: 
 
     from dataset.answers import AnswerCheck
     from dataset.encoding import encode_prompt
-    from utils.rollout import HFRolloutEngine
+    from rl.rollout import HFRolloutEngine
     check = check or AnswerCheck("recipes.smollm2.scoring:score")
     engine = HFRolloutEngine(model, tokenizer, max_gen_len, temperature=temperature)
     torch.manual_seed(seed)

@@ -32,7 +32,7 @@ def main():
     sys.path.insert(0, ROOT)
 
     import torch
-    from utils.logging import RunLogger
+    from training.logging import RunLogger
 
     done = {"step": None, "saves": 0, "dirs": 0, "fired": False}
 

@@ -1,5 +1,5 @@
 """Two real gloo processes: each scores its half of test_loss_types.batch() as an optimizer step
-of ``accumulation`` micro-batches (normalisers through a real all_reduce, utils.rl.step_normalisers),
+of ``accumulation`` micro-batches (normalisers through a real all_reduce, losses.policy.step_normalisers),
 the gradients averaged over the ranks as DDP averages them; rank 0 saves them per loss type."""
 import os
 import sys
@@ -10,7 +10,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.rl import LOSS_TYPES, policy_loss, step_normalisers  # noqa: E402
+from losses.policy import LOSS_TYPES, policy_loss, step_normalisers  # noqa: E402
 
 
 def all_sum(t):

@@ -10,9 +10,9 @@ import torch  # noqa: E402
 from dataset.encoding import encode_prompt  # noqa: E402
 from dataset.formats import load_prompts
 from model import LMConfig, init_model  # noqa: E402
-from utils.rollout import HFRolloutEngine  # noqa: E402
+from rl.rollout import HFRolloutEngine  # noqa: E402
 from core.runtime import init_distributed  # noqa: E402
-from utils.train import DataOrder  # noqa: E402
+from training.order import DataOrder  # noqa: E402
 
 out_dir = sys.argv[1]
 info, device = init_distributed("cpu")

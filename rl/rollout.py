@@ -78,7 +78,7 @@ def token_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) 
     probability (1: all), in that order, as transformers' ``generate`` applies them.
 
     NaN logits count as 0 and infinite ones as the largest finite value, so a diverged policy
-    still samples and its step is skipped as non-finite later (utils.train.step_optimizers)
+    still samples and its step is skipped as non-finite later (training.loop.Updater.step)
     instead of crashing here. The draw inverts the cumulative distribution at one uniform number
     per row from torch's global generator (a twentieth of what torch.multinomial costs on CPU);
     the sums run in float64, so a token of probability 0 is never picked.

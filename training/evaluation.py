@@ -19,16 +19,16 @@ import os
 
 import torch
 
+from core.errors import UserError
+from core.runtime import print0, to_device
 from dataset.answers import AnswerCheck
 from dataset.batches import collate_pairs, pad_with_mask
 from dataset.encoding import encode_pairs, encode_prompt, stop_ids
 from dataset.formats import load_pairs, load_prompts, read_jsonl
+from model.logprobs import model_sequence_logprobs
 from model.lora import adapters_disabled
 from model.reward_model import RewardModel
-from model.value_head import ActorCritic, ValueHeadModel, last_token_index
-from core.errors import UserError
-from model.logprobs import model_sequence_logprobs
-from core.runtime import print0, to_device
+from model.value_head import last_token_index
 
 PAIR_METRICS = ("pair_acc", "reward_margin")
 ANSWER_METRICS = ("answer_acc", "mean_len")
@@ -228,14 +228,17 @@ def eval_arg_problems(args) -> list[str]:
         problems.append("--eval_samples must be 0 or positive and --eval_max_new_tokens at least 1")
     if not os.path.isfile(args.eval_data):
         return problems + [f"--eval_data {args.eval_data}: no such file"]
-    kind = eval_kind(args.eval_data)
-    if kind == "prompts":
-        missing = [i for i, p in enumerate(load_prompts(args.eval_data)) if "answer" not in p]
-        if missing:
-            problems.append(f'--eval_data {args.eval_data}: prompt {missing[0] + 1} has no "answer" field; held-out '
-                            f"prompts are scored by their answers")
-    else:
-        load_pairs(args.eval_data)
+    try:
+        kind = eval_kind(args.eval_data)
+        if kind == "prompts":
+            missing = [i for i, p in enumerate(load_prompts(args.eval_data)) if "answer" not in p]
+            if missing:
+                problems.append(f'--eval_data {args.eval_data}: prompt {missing[0] + 1} has no "answer" field; '
+                                f"held-out prompts are scored by their answers")
+        else:
+            load_pairs(args.eval_data)
+    except UserError as e:         # a bad line of the file
+        return problems + [str(e)]
     reward_model = getattr(args, "eval_reward_model", None)
     if reward_model and kind != "pairs":
         problems.append(f"--eval_reward_model compares answers to the prompts of held-out pairs; {args.eval_data} "
@@ -268,7 +271,7 @@ class TrainingEval:
             self.items = load_pairs(args.eval_data)[rank::world]
         else:
             self.items = load_prompts(args.eval_data)[rank::world]
-        self.value_model = isinstance(run.base_model, ValueHeadModel) and not isinstance(run.base_model, ActorCritic)
+        self.value_model = getattr(run.base_model, "is_reward_model", False)     # scores pairs by its values
         if self.kind == "prompts" and self.value_model:
             raise UserError(f"--eval_data {args.eval_data}: a reward model scores preference pairs, not prompts")
         self.metric = args.best_metric or ("pair_acc" if self.kind == "pairs" else "answer_acc")
@@ -294,7 +297,7 @@ class TrainingEval:
         finally:
             model.train(was_training)
         names = sorted(sums)
-        total = run.all_sum(torch.tensor([sums[k] for k in names], dtype=torch.float64, device=run.device))
+        total = run.dist.all_sum(torch.tensor([sums[k] for k in names], dtype=torch.float64, device=run.device))
         return {f"eval/{k}": v for k, v in rates(dict(zip(names, total.tolist())), args.eval_samples).items()}
 
     def sums(self, model) -> dict[str, float]:

@@ -1,7 +1,10 @@
-"""The flags every training script shares (MiniMind's names), added by one helper.
+"""The flags every training script shares (MiniMind's names), added by one helper, and how
+every script checks its flags.
 
 Each script calls ``add_common_args(parser, **its_defaults)`` and then adds its algorithm's
-own flags. Flags the seed's command uses work exactly as written there.
+own flags. Flags the seed's command uses work exactly as written there. Each group of flags
+has a ``*_problems(args) -> [messages]``; a script passes its own to ``check_args``, which
+raises them all at once, as one line, before anything is loaded.
 """
 from __future__ import annotations
 
@@ -9,12 +12,13 @@ import argparse
 import os
 
 from core.files import project_path
+from core.errors import UserError
 from core.runtime import default_device, print0
 from model.flags import NOT_GIVEN, add_model_args, add_save_dir_arg, dir_default
+from training.evaluation import add_eval_args, eval_arg_problems
 
 CHECKPOINT_DIR = dir_default("--checkpoint_dir", "checkpoints", os.path.join("..", "checkpoints"),
                              "resume files are read and written there")
-SGLANG_FLAGS = ("sglang_base_url", "sglang_model_path", "sglang_shared_path")   # MiniMind's, refused
 
 
 def find_data_file(path: str) -> str:
@@ -47,10 +51,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
                     use_lora: int = 1, real_micro_batch: int | None = None) -> None:
     """The flags every training script shares. With ``real_learning_rate`` (the alignment
     scripts), --learning_rate left out is chosen once the weights are known
-    (utils.train.choose_learning_rate); with ``real_micro_batch`` (the RL scripts), so is
-    --accumulation_steps (utils.rl.choose_micro_batches)."""
+    (training.run.choose_learning_rate); with ``real_micro_batch`` (the RL scripts), so is
+    --accumulation_steps (rl.start.choose_micro_batches)."""
     g = parser.add_argument_group("data and model")
-    g.add_argument("--data_path", default=project_path(data_path),
+    g.add_argument("--data_path", default=project_path(data_path), type=find_data_file,
                    help=f"training data, JSON lines (default: the project's {data_path})")
     add_model_args(g, from_weight, "starting weights: none, a path (model folder, adapter folder, "
                    ".safetensors/.pth) or a name looked up in --save_dir, then the shipped demo")
@@ -60,8 +64,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs, help="passes over the data (default: %(default)s)")
     g.add_argument("--batch_size", type=int, default=batch_size, help="examples per step and process (default: %(default)s)")
-    # Left out, these two are chosen once the weights are known (utils.train.choose_learning_rate,
-    # utils.rl.choose_micro_batches) in the scripts that give a real-model value.
+    # Left out, these two are chosen once the weights are known (training.run.choose_learning_rate,
+    # rl.start.choose_micro_batches) in the scripts that give a real-model value.
     weight_dependent(g, "--learning_rate", float, learning_rate, "peak learning rate", real_learning_rate and (
         f"peak learning rate (default: {learning_rate:g} on the demo's weights: the shipped ones, --from_weight "
         f"none, or any on the demo tokenizer; {real_learning_rate:g} on any other weights, e.g. a pretrained model "
@@ -122,77 +126,31 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
     g.add_argument("--log_interval", type=int, default=log_interval, help="log every N optimizer steps (default: %(default)s)")
     g.add_argument("--use_wandb", action="store_true", help="log to wandb (offline if not logged in)")
     g.add_argument("--wandb_project", default="MiniAlign", help="wandb project (default: %(default)s)")
-    from utils.evaluation import add_eval_args
     add_eval_args(parser)
 
 
-def add_rollout_args(parser: argparse.ArgumentParser, *, num_generations: int = 8, max_gen_len: int = 64,
-                     temperature: float = 1.0) -> None:
-    """Sampling flags of the RL scripts (see utils/rollout.py)."""
-    g = parser.add_argument_group("sampling")
-    g.add_argument("--num_generations", type=int, default=num_generations,
-                   help="responses sampled per prompt, G (default: %(default)s)")
-    g.add_argument("--max_gen_len", type=int, default=max_gen_len, help="longest response in tokens (default: %(default)s)")
-    g.add_argument("--temperature", type=float, default=temperature,
-                   help="sampling temperature, also applied to the training log-probs (default: %(default)s)")
-    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling; 1: off (default: %(default)s)")
-    g.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens; 0: off (default: %(default)s)")
-    g.add_argument("--merge_for_sampling", type=int, choices=[0, 1], default=1,
-                   help="1: sample with the LoRA adapters folded into a temporary copy of the adapted weights "
-                        "(faster; that copy is held while sampling) (default: %(default)s)")
-    g.add_argument("--thinking_ratio", type=float, default=None,
-                   help="share of prompts rendered with the chat template's thinking switch on (enable_thinking, "
-                        "MiniMind's open_thinking), the rest with it off; drawn once per prompt from --seed. Does "
-                        "nothing with a template that has no such switch (default: the template's own default)")
-    g.add_argument("--rollout_engine", choices=["torch", "sglang"], default="torch",
-                   help="torch: sampling runs on the model's own forward in this process; sglang (MiniMind's "
-                        "server engine) is not supported (default: %(default)s)")
-    for name in SGLANG_FLAGS:
-        g.add_argument(f"--{name}", default=None, help="MiniMind's SGLang engine: not supported (refused)")
-
-
-def add_reward_args(parser: argparse.ArgumentParser, *, reward_funcs: str = "accuracy") -> None:
-    """Reward flags of the RL scripts (see utils/rewards.py)."""
-    g = parser.add_argument_group("rewards")
-    g.add_argument("--reward_model", "--reward_model_path", dest="reward_model", default=None,
-                   help="a train_reward.py folder or a transformers sequence-classification model folder "
-                        "(--reward_model_path: MiniMind's name for it)")
-    g.add_argument("--trust_remote_code", type=int, choices=[0, 1], default=0,
-                   help="1: a --reward_model folder that ships its own model code (config.json auto_map, .py "
-                        "files) may run it; only for folders you trust (default: 0, such a folder is refused)")
-    g.add_argument("--reward_funcs", default=reward_funcs,
-                   help="comma-separated: accuracy, format, length, repetition, or module:function "
-                        "(default: %(default)s; '' for none)")
-    g.add_argument("--reward_weights", default=None,
-                   help="comma-separated weights, one per --reward_funcs entry (default: all 1)")
-    g.add_argument("--reward_model_weight", type=float, default=1.0,
-                   help="weight of the --reward_model score in the sum (default: %(default)s)")
-    g.add_argument("--reward_clip", type=float, default=0.0,
-                   help="clip the weighted reward to [-c, c]; 0: off (default: %(default)s)")
-
-
-def rollout_arg_problems(args) -> list[str]:
-    """What is wrong with the sampling flags, as messages (empty when nothing is)."""
+def common_problems(args) -> list[str]:
+    """What is wrong with the shared flags (add_common_args), evaluation's included."""
     problems = []
-    if args.rollout_engine != "torch":
-        problems.append(f"--rollout_engine {args.rollout_engine}: not supported here; sampling runs on the model's "
-                        f"own forward in this process: use --rollout_engine torch (the default)")
-    given = [f"--{name}" for name in SGLANG_FLAGS if getattr(args, name) is not None]
-    if given:
-        problems.append(f"{', '.join(given)}: MiniMind's SGLang engine is not supported here; drop the --sglang_* "
-                        f"flags (sampling uses --rollout_engine torch)")
-    if args.thinking_ratio is not None and not 0 <= args.thinking_ratio <= 1:
-        problems.append(f"--thinking_ratio must be in [0, 1] (got {args.thinking_ratio})")
-    if args.num_generations < 1:
-        problems.append(f"--num_generations must be at least 1 (got {args.num_generations})")
-    if args.max_gen_len < 1:
-        problems.append(f"--max_gen_len must be at least 1 (got {args.max_gen_len})")
-    if not args.temperature > 0:
-        problems.append(f"--temperature must be positive (got {args.temperature})")
-    if not 0 < args.top_p <= 1:
-        problems.append(f"--top_p must be in (0, 1] (got {args.top_p})")
-    if args.top_k < 0:
-        problems.append(f"--top_k must be 0 (off) or positive (got {args.top_k})")
-    if args.reward_clip < 0:
-        problems.append(f"--reward_clip must be 0 (off) or positive (got {args.reward_clip})")
-    return problems
+    for name in ("batch_size", "accumulation_steps", "epochs", "log_interval", "save_interval", "max_seq_len",
+                 "max_bad_steps", "keep_checkpoints"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:     # None: chosen with the weights
+            problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.learning_rate is not None and args.learning_rate <= 0:
+        problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
+    for name in ("max_steps", "stop_after_steps"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name} must be 0 (no limit) or positive (got {getattr(args, name)})")
+    if args.use_lora and (args.lora_rank < 1 or args.lora_alpha <= 0):
+        problems.append("--lora_rank must be at least 1 and --lora_alpha positive")
+    if args.grad_clip < 0:
+        problems.append(f"--grad_clip must be 0 (off) or positive (got {args.grad_clip})")
+    return problems + eval_arg_problems(args)
+
+
+def check_args(args, *problem_checks) -> None:
+    """Every problem the ``*_problems(args) -> [messages]`` functions find, raised at once as one
+    line (a UserError), before any model or data is loaded."""
+    problems = [p for check in problem_checks for p in check(args)]
+    if problems:
+        raise UserError("; ".join(problems))

@@ -1,6 +1,7 @@
-"""Loss functions: tensors in, ``(loss, metrics)`` out.
+"""The losses of preference pairs: DPO and its variants, SimPO, RPO's NLL term, and the
+Bradley-Terry loss of a reward model. Tensors in, ``(loss, metrics)`` out.
 
-Shapes: B batch (pairs). Log-probs are sequence-level, l(y) or l(y)/|y| (see utils/logprobs.py).
+Shapes: B batch (pairs). Log-probs are sequence-level, l(y) or l(y)/|y| (see model/logprobs.py).
 """
 from __future__ import annotations
 

@@ -27,19 +27,23 @@ class WandbLogger:
     """wandb, or nothing: any wandb failure warns once and training goes on.
 
     With no API key and no login, it runs offline (and says so) instead of asking.
-    ``run_id`` resumes the same run after ``--from_resume 1``.
+    ``run_id`` resumes the same run after ``--from_resume 1``. Its files go where wandb's own
+    WANDB_DIR says, and only when that is unset to ``{out_dir}/wandb`` (the run's --save_dir).
     """
 
     def __init__(self, project: str, name: str, config: dict, run_id: str | None = None, out_dir: str = "."):
         self.run = None
         try:
+            # Imported here, when --use_wandb asks for it: a missing or broken wandb then only
+            # disables this logger (caught below) instead of stopping every script at import.
             import wandb
+            wandb_dir = os.environ.get("WANDB_DIR") or out_dir
             if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
                 os.environ["WANDB_MODE"] = "offline"
                 print(f"wandb: not logged in, logging offline (sync later with "
-                      f"`wandb sync {os.path.join(out_dir, 'wandb', 'offline-run-*')}`)", flush=True)
+                      f"`wandb sync {os.path.join(wandb_dir, 'wandb', 'offline-run-*')}`)", flush=True)
             self.run = wandb.init(project=project, name=name, config=config, id=run_id,
-                                  resume="allow" if run_id else None, dir=out_dir)
+                                  resume="allow" if run_id else None, dir=wandb_dir)
         except Exception as e:  # no network, bad key, wandb broken: warn, keep training
             print(f"warning: wandb disabled ({e.__class__.__name__}: {e}); metrics still go to the metrics file",
                   file=sys.stderr, flush=True)

@@ -18,8 +18,9 @@ import re
 
 import torch
 
-from dataset.answers import AnswerCheck, extract_answer, import_function
 from core.errors import UserError
+from dataset.answers import AnswerCheck, extract_answer, import_function
+from model.reward_model import RewardModel
 
 # ------------------------------------------------------------------------------------ built-ins
 LENGTH_BUDGET = 200   # characters: the length reward is 1 up to a quarter of this, 0 at it and beyond
@@ -106,6 +107,12 @@ class RewardFunctions:
         self.weights, self.clip = list(weights), clip
         self.reward_model, self.reward_model_weight = reward_model, reward_model_weight
 
+    def score_rollout(self, rows: list[dict], rollout):
+        """(rewards (N,), {name: (N,)}) of a rollout's G sampled texts for each prompt row (the
+        prompt file's lines, whose other columns reach the functions, each row's once per sample)."""
+        G = rollout.num_generations
+        return self([r["prompt"] for r in rows for _ in range(G)], rollout.texts, prompt_fields(rows, G))
+
     def __call__(self, prompts: list, responses: list[str], fields: dict[str, list]):
         n = len(responses)
         total = torch.zeros(n, dtype=torch.float32)
@@ -169,28 +176,20 @@ def check_answers(reward_funcs: str | None, prompts: list[dict], path: str) -> N
                         f"as for MiniMind's RLAIF data: --reward_funcs '') or add the answers")
 
 
-def check_reward_flags(args) -> None:
-    """Stop on bad reward flags before any model is built: unparsable weights, a function that
-    does not import, a --reward_model that is not a folder, or no reward at all."""
-    specs, weights = parse_reward_args(args.reward_funcs, args.reward_weights)
-    if specs or weights is not None:          # imports each function, matches the weights to them
-        RewardFunctions(specs, weights, answer_check=AnswerCheck(getattr(args, "answer_check", None)))
-    if args.reward_model:
-        from model.reward_model import check_reward_folder
-        check_reward_folder(args.reward_model, bool(args.trust_remote_code))
-    if not specs and not args.reward_model:
-        raise UserError("no reward: give --reward_funcs and/or --reward_model")
-
-
 def rewards_from_args(args, device="cpu", reward_model=None) -> RewardFunctions:
     """The RewardFunctions that --reward_funcs, --reward_weights, --reward_clip and
-    --reward_model (see utils.args.add_reward_args) describe. reward_model: the --reward_model
+    --reward_model (see rl.args.add_reward_args) describe. reward_model: the --reward_model
     already loaded (PPO runs one on the policy's own base weights); otherwise it is loaded here."""
     specs, weights = parse_reward_args(args.reward_funcs, args.reward_weights)
     if args.reward_model and reward_model is None:
-        from model.reward_model import RewardModel
         reward_model = RewardModel.load(args.reward_model, device=device, save_dir=getattr(args, "save_dir", "out"),
                                         trust_remote_code=bool(args.trust_remote_code))
     return RewardFunctions(specs, weights, clip=args.reward_clip or None, reward_model=reward_model,
                            reward_model_weight=args.reward_model_weight,
                            answer_check=AnswerCheck(getattr(args, "answer_check", None)))
+
+
+def prompt_fields(rows: list[dict], G: int) -> dict[str, list]:
+    """The prompt file's other columns, one value per sample (each row's repeated G times)."""
+    keys = sorted({k for r in rows for k in r if k != "prompt"})
+    return {k: [r.get(k) for r in rows for _ in range(G)] for k in keys}

@@ -1,4 +1,5 @@
-"""Resume files: everything a run needs to continue exactly, written atomically.
+"""Saves and resumes: the weights folder and the resume file, written atomically; the resume
+file read back and checked before any expensive set-up; a run continued exactly.
 
 ``{checkpoint_dir}/{save_weight}_{hidden_size}[_moe]_resume.pth`` holds the trainable weights
 in fp32, optimizer, grad scaler, every RNG state, epoch, step, data position, world size, the
@@ -17,14 +18,17 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from core.errors import RunHalted, UserError
+from core.files import atomic_file
+from core.runtime import print0
 from model.config import weight_name
 from model.strict import key_mismatch
-from core.errors import UserError
-from core.files import atomic_file
+from training.order import DataOrder, TrainState, rescaled_position
 
 # Args that may change between a run and its resume without changing what is trained.
 # --max_steps and --epochs set the schedule's length, which the file records and checks itself.
@@ -194,3 +198,135 @@ def check_resume_args(saved: dict, current: dict, path: str) -> None:
     if diffs:
         raise UserError(f"{path} was written with other arguments ({'; '.join(diffs[:5])}); "
                         f"use the same ones, another --save_weight, or --from_resume 0 to start over")
+
+
+# ----------------------------------------------------------------------------- a run's start, saves and resume
+@dataclass
+class Start:
+    """Where a launch starts and stops: the state it starts from, the step the learning-rate
+    schedule ends at (--max_steps, else every epoch), the step this launch stops at
+    (--stop_after_steps, else there), and the resume file to load (with --from_resume 1)."""
+    state: TrainState
+    schedule_steps: int
+    stop_step: int
+    resume: tuple[dict, str] | None = None     # (what the file holds, its path)
+
+
+def resume_args(args) -> dict:
+    """The arguments a resume file records and compares: every flag with a plain value."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def plan_start(run, order: DataOrder) -> Start:
+    """Read and check the resume file (with --from_resume 1) and fix the run's length. Cheap, so
+    a script calls it before any expensive set-up (DPO's reference precompute, the sampler);
+    run_steps calls it when the script did not."""
+    args = run.args
+    schedule_steps = min(order.total_steps, args.max_steps) if args.max_steps else order.total_steps
+    state, stops = TrainState(), [args.stop_after_steps]
+    found = find_resume(run) if args.from_resume else None
+    if found is not None:
+        state, schedule_steps = checked_start(run, *found, order, schedule_steps)
+        if "schedule_steps" not in found[0]:   # written when --max_steps only stopped a run: it still does
+            stops.append(args.max_steps)
+    return Start(state, schedule_steps, min([schedule_steps] + [k for k in stops if k]), found)
+
+
+def find_resume(run) -> tuple[dict, str] | None:
+    """(state, file) of the resume file to continue from, or None (a fresh start, said so)."""
+    found = load_latest_resume(run.resume_file, say=print0)
+    if found is None:
+        others = other_size_resume_files(run.args.checkpoint_dir, run.args.save_weight, run.resume_file)
+        if others:
+            lm_config = run.lm_config
+            raise UserError(f"--from_resume 1: no {os.path.basename(run.resume_file)} for this model size "
+                            f"(--hidden_size {lm_config.hidden_size}{', --use_moe 1' if lm_config.use_moe else ''}), "
+                            f"but {others[0]} is there, saved for another size; pass the sizes it was trained with "
+                            f"to resume it, or --from_resume 0 to start a new run")
+        print0(f"--from_resume 1: no resume file at {run.resume_file}, starting fresh")
+    return found
+
+
+def checked_start(run, ckpt: dict, path: str, order: DataOrder, schedule_steps: int) -> tuple[TrainState, int]:
+    """(state, schedule_steps) a resume file continues from. Everything that would make the
+    resumed run train something else stops it here, with what differs: another algorithm, other
+    arguments, another data file, another schedule, other trainable parameters."""
+    args, world = run.args, run.dist.world_size
+    if ckpt.get("algorithm") != run.algorithm:
+        raise UserError(f"{path} was written by {ckpt.get('algorithm')}, not {run.algorithm}; "
+                        f"use another --save_weight or --checkpoint_dir")
+    check_resume_args(upgraded_resume_args(ckpt["args"], resume_args(args)), resume_args(args), path)
+    if ckpt.get("data_examples", order.n) != order.n:
+        raise UserError(f"{path} was written for {ckpt['data_examples']} examples in {args.data_path}, "
+                        f"which now has {order.n}; resume with the data it was trained on, "
+                        f"or --from_resume 0 to start over")
+    same_world = ckpt["world_size"] == world
+    saved_schedule = ckpt.get("schedule_steps")
+    if saved_schedule is None:
+        print0(f"resume: {path} records no schedule length: the schedule spans every epoch as when it "
+               f"was written, and --max_steps only stops the run")
+        schedule_steps = order.total_steps
+    elif same_world and saved_schedule != schedule_steps:
+        raise UserError(f"{path} was written for a learning-rate schedule of {saved_schedule} steps, these "
+                        f"flags give {schedule_steps} (--max_steps {args.max_steps}, --epochs "
+                        f"{args.epochs}); resume with the --max_steps and --epochs it started with (stop "
+                        f"early with --stop_after_steps K), or --from_resume 0 to start over")
+    check_trainable_state(run.base_model, ckpt["model"], path)
+    step, micro = ckpt["step"], ckpt["micro"]
+    if not same_world:
+        step, micro = rescaled_position(micro, ckpt["world_size"], world, order.micro_per_step)
+        samples = ckpt["micro"] * args.batch_size * ckpt["world_size"]
+        print0(f"resume: world size {ckpt['world_size']} -> {world}: step {ckpt['step']} -> "
+               f"{step} (the same {samples} examples seen; the data order and sampling RNG continue per "
+               f"rank, so the run is not bit-identical to one that kept {ckpt['world_size']} process(es); "
+               f"the schedule is this launch's {schedule_steps} steps)")
+    state = TrainState(step=step, micro=micro, extra=ckpt.get("extra", {}), wandb_id=ckpt.get("wandb_id"),
+                       bad_steps=ckpt.get("bad_steps", 0), bad_in_row=ckpt.get("bad_in_row", 0))
+    return state, schedule_steps
+
+
+def restore(start: Start, run, updater) -> TrainState:
+    """The state to start from: the resume file's weights, optimizer state(s), grad scaler and
+    RNG loaded into the run when ``start`` has one."""
+    if start.resume is None:
+        return start.state
+    ckpt, path = start.resume
+    load_trainable_state(run.base_model, ckpt["model"], path)
+    updater.load_state(ckpt, path)
+    rng = ckpt["rng"]
+    restore_rng(rng[run.dist.rank] if isinstance(rng, list) and run.dist.rank < len(rng) else rng[0])
+    print0(f"resumed from {path} at step {start.state.step}/{start.schedule_steps}")
+    return start.state
+
+
+def save_checkpoint(run, state: TrainState, updater, start: Start, order: DataOrder, extra_meta: dict | None,
+                    saved_step: int | None) -> None:
+    """Weights to ``{save_dir}/{stem}/`` and the resume file, both atomically, rank 0 only.
+    Non-finite weights are never written; a failed write (a full disk) leaves the last good
+    weights and resume file (of step ``saved_step``) as they were and stops the run with a RunHalted."""
+    bad = [n for n, p in run.base_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise RunHalted(f"step {state.step}: non-finite values in {bad[0]}"
+                        f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; nothing was saved, the last "
+                        f"good save{f' (step {saved_step})' if saved_step is not None else ''} is kept")
+    run.check_replicas_agree(state.step)
+    rngs = run.dist.all_objects(capture_rng())
+    if not run.is_main:
+        return
+    weights_saved = False
+    try:
+        run.save_weights(extra_meta)
+        weights_saved = True
+        save_resume(run.resume_file, {
+            "algorithm": run.algorithm, "model": trainable_state(run.base_model), **updater.state(),
+            "rng": rngs, "step": state.step, "micro": state.micro, "world_size": run.dist.world_size,
+            "schedule_steps": start.schedule_steps,
+            "wandb_id": state.wandb_id, "args": resume_args(run.args), "extra": state.extra,
+            "data_examples": order.n, "bad_steps": state.bad_steps, "bad_in_row": state.bad_in_row,
+        }, keep=run.args.keep_checkpoints)
+    except OSError as e:
+        last = f"step {saved_step}" if saved_step is not None else "none yet"
+        kept = (f"the weights of step {state.step} are saved, the resume file still holds {last}" if weights_saved
+                else f"the last good weights and resume file ({last}) are kept")
+        raise RunHalted(f"could not save step {state.step}: {e.strerror or e} ({e.filename or run.resume_file}); "
+                        f"{kept}; free some space and rerun with --from_resume 1") from None
