@@ -34,8 +34,8 @@ import torch
 
 from core.errors import run_cli
 from core.runtime import print0, to_device
-from dataset.batches import collate_pair_groups
-from dataset.encoding import tokenize_pairs
+from dataset.batches import collate_pairs, pair_rows
+from dataset.encoding import encode_pairs
 from dataset.formats import load_pairs
 from losses.preference import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, rpo_nll, simpo_loss
 from model.logprobs import grouped_token_logprobs, masked_reduce
@@ -132,16 +132,16 @@ def dpo_problems(args) -> list[str]:
 
 
 def pair_logprobs(model, batch: dict, reduce: str, chosen_token_mean: bool = False):
-    """(chosen, rejected) sequence log-probs, each (B,), of a dataset.batches.collate_pair_groups
+    """(chosen, rejected) sequence log-probs, each (B,), of a dataset.batches.collate_pairs
     batch: each pair runs as its prompt, then its two responses, the prompt once (grouped_token_logprobs).
     With ``chosen_token_mean``, a third (B,): the chosen responses' mean log-prob per token."""
     per_token, _ = grouped_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"], 2)
     mask = batch["response_mask"][:, 1:]
     logps = masked_reduce(per_token, mask, reduce)
     if not chosen_token_mean:
-        return logps[0::2], logps[1::2]
+        return pair_rows(logps)
     means = logps if reduce == "mean" else masked_reduce(per_token, mask, "mean")
-    return logps[0::2], logps[1::2], means[0::2]
+    return (*pair_rows(logps), pair_rows(means)[0])
 
 
 class OveroptimisationWatch:
@@ -197,7 +197,7 @@ def precompute_reference(run: Run, items: list, batch_size: int, reduce: str,
             idx = mine[start:start + batch_size]
             if used is not None and used.isdisjoint(idx):
                 continue
-            batch = to_device(collate_pair_groups([items[i] for i in idx], pad), run.device)
+            batch = to_device(collate_pairs([items[i] for i in idx], pad), run.device)
             with run.autocast():
                 chosen, rejected = pair_logprobs(ref, batch, reduce)
             table[idx] = torch.stack([chosen, rejected], -1).double().cpu()
@@ -213,7 +213,7 @@ def build(args) -> Job:
     check_args(args, common_problems, dpo_problems)   # bad flags and bad data stop the run before any model is built
     pairs = load_pairs(args.data_path)
     run = Run(args, "dpo", reference=args.ref_model)
-    items, _ = tokenize_pairs(pairs, run.tokenizer, args.max_seq_len, args.data_path)
+    items, _ = encode_pairs(pairs, run.tokenizer, args.max_seq_len, args.data_path)
     order = DataOrder(len(items), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,
                       what="pairs")
     start = plan_start(run, order)            # a bad resume file stops the run here, not after the precompute
@@ -228,7 +228,7 @@ def build(args) -> Job:
     watch = OveroptimisationWatch()
 
     def micro_step(indices):
-        batch = to_device(collate_pair_groups([items[i] for i in indices], pad), run.device)
+        batch = to_device(collate_pairs([items[i] for i in indices], pad), run.device)
         with run.autocast():
             if ref_table is not None:
                 ref_chosen, ref_rejected = ref_table[indices].to(run.device).unbind(-1)

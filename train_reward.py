@@ -18,11 +18,11 @@ import torch
 
 from core.errors import UserError, run_cli
 from core.runtime import to_device
-from dataset.batches import collate_pairs
-from dataset.encoding import tokenize_pairs
+from dataset.batches import collate_pairs, pair_rows
+from dataset.encoding import encode_pairs
 from dataset.formats import load_pairs
 from losses.preference import reward_model_loss
-from model.value_head import last_token_index, reward_model_for_training
+from model.value_head import last_token_values, reward_model_for_training
 from training.args import add_common_args, check_args, common_problems
 from training.loop import Job, Updater, adamw, supervised_step
 from training.order import DataOrder
@@ -57,7 +57,7 @@ def build(args) -> Job:
             raise UserError(f'{args.data_path}: --margin 1 needs a "margin" field on every pair; '
                             f"{len(missing)} pair(s) have none (the first is pair {missing[0] + 1})")
     run = Run(args, "reward", wrap=lambda lm, _: reward_model_for_training(lm, seed=args.seed))
-    items, kept = tokenize_pairs(pairs, run.tokenizer, args.max_seq_len, args.data_path)
+    items, kept = encode_pairs(pairs, run.tokenizer, args.max_seq_len, args.data_path)
     margins = torch.tensor([p.get("margin", 0.0) for p in kept])
     order = DataOrder(len(items), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,
                       what="pairs")
@@ -69,9 +69,8 @@ def build(args) -> Job:
         batch = to_device(collate_pairs([items[i] for i in indices], pad), run.device)
         with run.autocast():
             values = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])   # (2B, T)
-        rewards = values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)    # (2B,)
-        n = len(indices)
-        loss, metrics = reward_model_loss(rewards[:n], rewards[n:],
+        chosen, rejected = pair_rows(last_token_values(values, batch["attention_mask"]))           # (B,) each
+        loss, metrics = reward_model_loss(chosen, rejected,
                                           margins[indices].to(run.device) if args.margin else None,
                                           args.center_rewards)
         return loss, metrics, int(batch["attention_mask"].sum())

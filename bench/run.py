@@ -387,7 +387,7 @@ def compare(a) -> dict:
 def precompute_seconds(a) -> float:
     """The one reference pass of --precompute_ref 1 over the benchmark's pairs, timed alone."""
     import train_dpo
-    from dataset.encoding import tokenize_pairs
+    from dataset.encoding import encode_pairs
     from dataset.formats import load_pairs
     from transformers import AutoTokenizer
     with tempfile.TemporaryDirectory() as tmp:
@@ -397,7 +397,7 @@ def precompute_seconds(a) -> float:
                                      "--save_dir", tmp, "--checkpoint_dir", tmp, "--max_seq_len", str(a.max_len)])
         from training.run import Run
         run = Run(args, "dpo", reference="shared")
-        items, _ = tokenize_pairs(load_pairs(data), run.tokenizer, a.max_len, data)
+        items, _ = encode_pairs(load_pairs(data), run.tokenizer, a.max_len, data)
         train_dpo.precompute_reference(run, items, 2 * a.batch_size, "sum")      # warm-up
         t0 = time.perf_counter()
         train_dpo.precompute_reference(run, items, 2 * a.batch_size, "sum")

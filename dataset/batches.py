@@ -32,31 +32,16 @@ def collate_sft(batch, pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def collate_pairs(items, pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen and rejected of each pair in one batch, for one concatenated forward.
+def collate_pairs(items, pad_id: int) -> dict:
+    """Preference pairs as one batch, each pair's chosen and rejected side by side, sharing one
+    prompt computation.
 
-    items: (prompt_ids, chosen_ids, rejected_ids) from ``encode_pairs``. Returns input_ids,
-    attention_mask and response_mask, each (2B, T), right-padded: rows 0..B-1 are the chosen
-    sequences, rows B..2B-1 the rejected ones in the same order.
-    """
-    seqs = [p + c for p, c, _ in items] + [p + r for p, _, r in items]
-    masks = [[0] * len(p) + [1] * len(c) for p, c, _ in items] + [[0] * len(p) + [1] * len(r) for p, _, r in items]
-    input_ids, attention_mask = pad_with_mask(seqs, pad_id)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "response_mask": pad_batch(masks, 0),
-    }
-
-
-def collate_pair_groups(items, pad_id: int) -> dict:
-    """Chosen and rejected of each pair side by side, sharing one prompt computation.
-
-    items: (prompt_ids, chosen_ids, rejected_ids) from ``encode_pairs``. Returns input_ids,
-    attention_mask and response_mask, each (2B, Tp + Lr): row 2i is pair i's chosen sequence,
-    row 2i+1 its rejected one; each row is the prompt left-padded to Tp, then the response
-    right-padded to Lr. ``prompt_len`` is Tp. The rows of a pair share columns 0..Tp-1, which
-    model.logprobs.grouped_token_logprobs runs once per pair.
+    items: (prompt_ids, chosen_ids, rejected_ids) from dataset.encoding.encode_pairs. Returns
+    input_ids, attention_mask and response_mask, each (2B, Tp + Lr): row 2i is pair i's chosen
+    sequence, row 2i+1 its rejected one (``pair_rows`` splits them); each row is the prompt
+    left-padded to Tp, then the response right-padded to Lr. ``prompt_len`` is Tp. The rows of a
+    pair share columns 0..Tp-1, which model.logprobs.grouped_token_logprobs runs once per pair;
+    a plain forward (position ids from the attention mask) scores them as unpadded sequences.
     """
     prompts = [p for p, _, _ in items for _ in range(2)]
     responses = [r for _, c, rj in items for r in (c, rj)]
@@ -68,3 +53,8 @@ def collate_pair_groups(items, pad_id: int) -> dict:
         "response_mask": torch.cat([torch.zeros_like(prompt_mask), response_mask], 1),
         "prompt_len": prompt_ids.shape[1],
     }
+
+
+def pair_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen (B, ...), rejected (B, ...)) of one value per row (2B, ...) of a collate_pairs batch."""
+    return values[0::2], values[1::2]

@@ -152,25 +152,19 @@ def encode_pair(pair: dict, tokenizer, max_len: int):
     return prompt[-keep:], chosen, rejected
 
 
-def encode_pairs(pairs: list[dict], tokenizer, max_len: int):
-    """(items, skipped): ``encode_pair`` of every pair; pairs that cannot fit are skipped and counted."""
-    items = [encode_pair(p, tokenizer, max_len) for p in pairs]
-    kept = [it for it in items if it is not None]
-    return kept, len(items) - len(kept)
-
-
-def tokenize_pairs(pairs: list[dict], tokenizer, max_len: int, path: str):
-    """(items, kept): ``encode_pair`` of every pair that fits and the pairs kept, for training.
-    Says how many were skipped; a UserError when none fits."""
+def encode_pairs(pairs: list[dict], tokenizer, max_len: int, path: str | None = None):
+    """(items, kept): ``encode_pair`` of every pair that fits ``max_len``, and those pairs. With
+    ``path`` (the training file, named in messages), says how many were skipped and stops with a
+    UserError when none fits; without, pairs that cannot fit are left out silently."""
     items, kept = [], []
     for p in pairs:
         item = encode_pair(p, tokenizer, max_len)
         if item is not None:
             items.append(item)
             kept.append(p)
-    if len(items) < len(pairs):
+    if path is not None and len(items) < len(pairs):
         print0(f"skipped {len(pairs) - len(items)} of {len(pairs)} pair(s): a response does not fit --max_seq_len {max_len}")
-    if not items:
+    if path is not None and not items:
         raise UserError(f"no pair in {path} fits --max_seq_len {max_len}; raise it")
     return items, kept
 

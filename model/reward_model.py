@@ -16,7 +16,7 @@ from dataset.encoding import encode_exchange
 from model.config import LMConfig
 from model.loading import adapter_base, init_model, same_weights
 from model.lora import adapter_parameters, is_adapter_dir, load_lora
-from model.value_head import HEAD_FILE, ValueHeadModel, is_value_head_dir, last_token_index
+from model.value_head import HEAD_FILE, ValueHeadModel, is_value_head_dir, last_token_values
 
 
 def read_config(path: str) -> dict:
@@ -136,5 +136,5 @@ class RewardModel:
                 values = self.model(input_ids=input_ids, attention_mask=attention_mask)  # (B, T)
             finally:
                 self.model.train(was_training)
-            return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1).float().cpu()
+            return last_token_values(values, attention_mask).float().cpu()
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu()

@@ -122,6 +122,11 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return T - 1 - attention_mask.flip(-1).long().argmax(-1)
 
 
+def last_token_values(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) each row's value (B, T) at its last real token: a reward model's score of it."""
+    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
 def is_value_head_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, HEAD_FILE))
 

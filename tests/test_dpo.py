@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dataset.batches import collate_pair_groups
+from dataset.batches import collate_pairs
 from dataset.encoding import encode_pairs
 from dataset.formats import load_pairs
 from model import LMConfig, apply_lora, init_model, save_lora
@@ -121,7 +121,7 @@ def test_shared_and_copy_reference_give_the_same_logprobs(tmp_path, small_pairs,
     _, shared = make_run(tmp_path / "s", small_pairs, save_dir, "--ref_model", "shared")
     _, copy = make_run(tmp_path / "c", small_pairs, save_dir, "--ref_model", "copy")
     items, _ = encode_pairs(load_pairs(small_pairs), shared.tokenizer, 256)
-    batch = collate_pair_groups(items[:6], shared.tokenizer.pad_token_id)
+    batch = collate_pairs(items[:6], shared.tokenizer.pad_token_id)
     for run in (shared, copy):  # move the policies away from the start, as training does
         with torch.no_grad():
             for n, p in run.base_model.named_parameters():
@@ -143,7 +143,7 @@ def test_precomputed_reference_equals_live(tmp_path, small_pairs, save_dir):
     table = precompute_reference(run, items, 5, "mean")
     idx = [3, 17, 0, 41]
     with run.reference_model() as ref:
-        live = pair_logprobs(ref, collate_pair_groups([items[i] for i in idx], run.tokenizer.pad_token_id), "mean")
+        live = pair_logprobs(ref, collate_pairs([items[i] for i in idx], run.tokenizer.pad_token_id), "mean")
     torch.testing.assert_close(table[idx], torch.stack(live, -1), atol=1e-5, rtol=0)
 
 

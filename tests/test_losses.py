@@ -88,19 +88,25 @@ def test_bad_inputs_are_refused():
         dpo_loss(PC, PR, RC, RR, 1.0, "kto")
 
 
+def plain(batch: dict) -> dict:
+    """A collate_pairs batch's tensors, without its prompt_len."""
+    return {k: v for k, v in batch.items() if k != "prompt_len"}
+
+
 @torch.no_grad()
 def test_padding_and_batch_neighbours_change_nothing(tiny_model):
     model, tok = tiny_model
     short = ([1, 50, 60], [70, 2], [80, 81, 2])
     long = ([1, 50, 60, 61, 62, 63, 64], [70, 71, 72, 73, 74, 2], [80, 2])
     for reduce in ("mean", "sum"):
-        alone = collate_pairs([short], tok.pad_token_id)
-        together = collate_pairs([short, long], tok.pad_token_id)   # the short pair now carries padding
+        alone = plain(collate_pairs([short], tok.pad_token_id))
+        together = plain(collate_pairs([short, long], tok.pad_token_id))   # the short pair now carries padding
         a = model_sequence_logprobs(model, **alone, reduce=reduce)
         b = model_sequence_logprobs(model, **together, reduce=reduce)
-        torch.testing.assert_close(a, b[[0, 2]], atol=1e-5, rtol=0)
+        assert together["attention_mask"][:2].eq(0).any(1).all()          # on both sides of each of its rows
+        torch.testing.assert_close(a, b[:2], atol=1e-5, rtol=0)
         la, _ = dpo_loss(a[:1], a[1:], a[:1] * 0.9, a[1:] * 1.1, 1.0)
-        lb, _ = dpo_loss(b[:1], b[2:3], b[:1] * 0.9, b[2:3] * 1.1, 1.0)
+        lb, _ = dpo_loss(b[:1], b[1:2], b[:1] * 0.9, b[1:2] * 1.1, 1.0)
         assert la.item() == pytest.approx(lb.item(), abs=1e-5)
 
 
@@ -108,7 +114,7 @@ def test_padding_and_batch_neighbours_change_nothing(tiny_model):
 def test_logits_only_on_response_positions_equal_the_full_forward(tiny_model):
     model, tok = tiny_model
     items = [([1, 50, 60, 61, 62], [70, 2], [80, 81, 2]), ([1, 50], [70, 71, 72, 2], [80, 2])]
-    batch = collate_pairs(items, tok.pad_token_id)
+    batch = plain(collate_pairs(items, tok.pad_token_id))
     full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     for reduce in ("mean", "sum"):
         expected = sequence_logprobs(full, batch["input_ids"], batch["response_mask"], reduce)

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from dataset.batches import collate_pair_groups, collate_pairs, pad_with_mask
+from dataset.batches import collate_pairs, pad_with_mask
 from model.lora import apply_lora
 from model.logprobs import (grouped_token_logprobs, model_sequence_logprobs, model_token_logprobs,
                             packed_prompt_logprobs, policy_forward, shared_prompt_logprobs, takes_tree_mask)
@@ -115,11 +115,15 @@ def test_dpo_pairs_equal_the_concatenated_forward(adapted, reduce, way, monkeypa
     set_way(model, way, monkeypatch)
     items = [([1, 50, 60, 61, 62], [70, 2], [80, 81, 82, 2]), ([1, 50], [70, 71, 72, 73, 2], [80, 2]),
              ([1, 55, 56], [74], [75, 76])]
-    grouped = collate_pair_groups(items, tok.pad_token_id)
+    grouped = collate_pairs(items, tok.pad_token_id)
     import train_dpo
     chosen, rejected = train_dpo.pair_logprobs(model, grouped, reduce)
-    rows = collate_pairs(items, tok.pad_token_id)           # chosen rows, then rejected, right-padded
-    plain = model_sequence_logprobs(model, rows["input_ids"], rows["attention_mask"], rows["response_mask"], reduce)
+    # the plain rows: each whole sequence, chosen rows then rejected, right-padded, one forward
+    seqs = [p + c for p, c, _ in items] + [p + r for p, _, r in items]
+    ids, am = pad_with_mask(seqs, tok.pad_token_id)
+    responses = pad_with_mask([[0] * len(p) + [1] * len(c) for p, c, _ in items] +
+                              [[0] * len(p) + [1] * len(r) for p, _, r in items], 0)[0]
+    plain = model_sequence_logprobs(model, ids, am, responses, reduce)
     torch.testing.assert_close(torch.cat([chosen, rejected]), plain, atol=1e-5, rtol=0)
     ref_c, ref_r = plain[:3].detach() - 0.2, plain[3:].detach() + 0.1
     fast, _ = dpo_loss(chosen, rejected, ref_c, ref_r, 0.5)
@@ -162,8 +166,8 @@ def test_first_fit():
     assert sorted(i for b in bins for i in b) == list(range(7)) and [len(b) for b in bins] == [3, 3, 1]
 
 
-def test_collate_pair_groups_layout():
-    out = collate_pair_groups([([1, 5], [7, 2], [8, 9, 2]), ([1, 5, 6], [3], [4, 2])], pad_id=0)
+def test_collate_pairs_layout():
+    out = collate_pairs([([1, 5], [7, 2], [8, 9, 2]), ([1, 5, 6], [3], [4, 2])], pad_id=0)
     assert out["prompt_len"] == 3
     assert out["input_ids"].tolist() == [[0, 1, 5, 7, 2, 0], [0, 1, 5, 8, 9, 2], [1, 5, 6, 3, 0, 0], [1, 5, 6, 4, 2, 0]]
     assert out["attention_mask"].tolist() == [[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]

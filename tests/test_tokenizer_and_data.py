@@ -49,8 +49,10 @@ def test_fit_keeps_the_response_and_cuts_the_prompt_left():
 def test_too_long_pairs_are_skipped_and_counted(tok):
     pairs = [{"prompt": [{"role": "user", "content": "hi " * 50}], "chosen": "ok", "rejected": "no"},
              {"prompt": [{"role": "user", "content": "hi"}], "chosen": "long " * 80, "rejected": "no"}]
-    items, skipped = encode_pairs(pairs, tok, 32)
-    assert skipped == 1 and len(items) == 1 and len(items[0][0]) + len(items[0][1]) <= 32
+    items, kept = encode_pairs(pairs, tok, 32)
+    assert kept == pairs[:1] and len(items) == 1 and len(items[0][0]) + len(items[0][1]) <= 32
+    with pytest.raises(UserError, match="no pair in d.jsonl fits --max_seq_len 2; raise it"):
+        encode_pairs(pairs, tok, 2, "d.jsonl")
 
 
 def write(tmp_path, lines, name="d.jsonl", raw=None):

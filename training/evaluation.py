@@ -22,13 +22,13 @@ import torch
 from core.errors import UserError
 from core.runtime import print0, to_device
 from dataset.answers import AnswerCheck
-from dataset.batches import collate_pairs, pad_with_mask
+from dataset.batches import collate_pairs, pair_rows, pad_with_mask
 from dataset.encoding import encode_pairs, encode_prompt, stop_ids
 from dataset.formats import load_pairs, load_prompts, read_jsonl
 from model.logprobs import model_sequence_logprobs
 from model.lora import adapters_disabled
 from model.reward_model import RewardModel
-from model.value_head import last_token_index
+from model.value_head import last_token_values
 
 PAIR_METRICS = ("pair_acc", "reward_margin")
 ANSWER_METRICS = ("answer_acc", "mean_len")
@@ -47,12 +47,11 @@ def pair_scores(model, tokenizer, pairs: list[dict], max_seq_len: int, batch_siz
         batch = to_device(collate_pairs(chunk, tokenizer.pad_token_id), device)
         if value_model:
             values = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])     # (2n, T)
-            scores = values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)
+            scores = last_token_values(values, batch["attention_mask"])
         else:
             scores = model_sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        n = len(chunk)
-        chosen.append(scores[:n].float().cpu())
-        rejected.append(scores[n:].float().cpu())
+        for side, rows in zip((chosen, rejected), pair_rows(scores.float().cpu())):
+            side.append(rows)
     if not chosen:
         return torch.zeros(0), torch.zeros(0)
     return torch.cat(chosen), torch.cat(rejected)
