@@ -41,8 +41,7 @@ from losses.preference import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_los
 from model.logprobs import grouped_token_logprobs, masked_reduce
 from training.args import add_common_args, check_args, common_problems
 from training.checkpoint import plan_start
-from training.loop import Job, Updater, adamw, supervised_step
-from training.order import DataOrder
+from training.loop import Job, data_order, supervised_job
 from training.run import Run
 
 DEFAULT_BETA = {"mean": 5.0, "sum": 0.1}
@@ -56,9 +55,8 @@ MIN_MEAN_BETA = 0.5
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="DPO on preference pairs, with LoRA and a frozen reference.")
-    add_common_args(parser, save_weight="dpo", data_path="dataset/dpo.jsonl", epochs=2, batch_size=16,
-                    learning_rate=3e-4, real_learning_rate=1e-4, max_seq_len=1024, from_weight="full_sft",
-                    log_interval=10, save_interval=100, use_lora=1)
+    add_common_args(parser, save_weight="dpo", data_path="dataset/dpo.jsonl", epochs=2, learning_rate=3e-4,
+                    real_learning_rate=1e-4, max_seq_len=1024)
     g = parser.add_argument_group("DPO")
     g.add_argument("--beta", type=float, default=None,
                    help="strength of the pull towards the reference (default: 5 with --logp_reduce mean, 0.1 with sum)")
@@ -214,16 +212,13 @@ def build(args) -> Job:
     pairs = load_pairs(args.data_path)
     run = Run(args, "dpo", reference=args.ref_model)
     items, _ = encode_pairs(pairs, run.tokenizer, args.max_seq_len, args.data_path)
-    order = DataOrder(len(items), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,
-                      what="pairs")
+    order = data_order(run, len(items), "pairs")
     start = plan_start(run, order)            # a bad resume file stops the run here, not after the precompute
     ref_table = None
     if args.precompute_ref:                   # only the pairs this launch reads, up to the step it stops at
         used = order.used(start.state.micro, start.stop_step * order.micro_per_step)
         ref_table = precompute_reference(run, items, 2 * args.batch_size, args.logp_reduce, used)
         print0(f"reference log-probs computed once, for the {len(used)} of {len(items)} pairs the run uses")
-    updater = Updater(run, adamw(run.trainable_parameters(), args.learning_rate), args.grad_clip,
-                      args.accumulation_steps)
     pad = run.tokenizer.pad_token_id
     watch = OveroptimisationWatch()
 
@@ -248,10 +243,9 @@ def build(args) -> Job:
         watch.update(chosen_mean.detach().mean(), metrics["rewards/margins"])
         return loss, metrics, int(batch["attention_mask"].sum())
 
-    step = supervised_step(run, order, updater, micro_step, args.accumulation_steps)
-    return Job(run, order, updater, step, "dpo", {"beta": args.beta, "loss_type": args.loss_type,
-                                                  "logp_reduce": args.logp_reduce, "rpo_alpha": args.rpo_alpha,
-                                                  "simpo_gamma": args.simpo_gamma}, start)
+    return supervised_job(run, order, micro_step, "dpo", {"beta": args.beta, "loss_type": args.loss_type,
+                                                          "logp_reduce": args.logp_reduce, "rpo_alpha": args.rpo_alpha,
+                                                          "simpo_gamma": args.simpo_gamma}, start)
 
 
 def main(args):

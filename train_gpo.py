@@ -25,23 +25,19 @@ import argparse
 
 from core.errors import run_cli
 from dataset.formats import load_prompts
-from rl.args import (add_group_args, add_reward_args, add_rollout_args, group_problems, required_reward_problems,
-                     reward_problems, rl_problems)
+from rl.args import (add_group_args, add_rl_args, group_problems, required_reward_problems, reward_problems,
+                     rl_problems)
 from rl.group import GroupSettings, make_group_step
 from rl.rewards import check_answers, rewards_from_args
 from rl.start import start_rl_run
-from training.args import add_common_args, check_args, common_problems
-from training.loop import Job, Updater, adamw
+from training.args import check_args, common_problems
+from training.loop import Job, adamw_updater
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="GPO: group-advantage PPO with a reward and KL to a frozen reference.")
-    add_common_args(parser, save_weight="gpo", data_path="dataset/rl.jsonl", epochs=2, batch_size=16,
-                    learning_rate=2e-3, real_learning_rate=5e-5, max_seq_len=256, from_weight="full_sft",
-                    log_interval=10, save_interval=50, use_lora=1,
-                    real_micro_batch=64)
-    add_rollout_args(parser, num_generations=8, max_gen_len=48)
-    add_reward_args(parser, reward_funcs="accuracy")
+    add_rl_args(parser, save_weight="gpo", epochs=2, learning_rate=2e-3, real_micro_batch=64, num_generations=8,
+                reward_funcs="accuracy")
     add_group_args(parser, beta=0.02)
     g = parser.add_argument_group("GPO")
     g.add_argument("--baseline", choices=["mean", "loo"], default="mean",
@@ -61,8 +57,7 @@ def build(args) -> Job:
     rewards = rewards_from_args(args, device=args.device)
     check_answers(args.reward_funcs, prompts, args.data_path)
     run, source, start = start_rl_run(args, "gpo", prompts, group=args.num_generations)
-    updater = Updater(run, adamw(run.trainable_parameters(), args.learning_rate), args.grad_clip,
-                      args.accumulation_steps)
+    updater = adamw_updater(run)
     settings = GroupSettings.from_args(args, baseline=args.baseline, scale=args.scale_rewards, level=args.adv_level)
     step = make_group_step(run, source, updater, rewards.score_rollout, settings)
     return Job(run, source.order, updater, step, "gpo", {"reward_funcs": args.reward_funcs}, start)

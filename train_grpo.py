@@ -27,22 +27,18 @@ from core.errors import run_cli
 from core.runtime import print0
 from dataset.formats import load_prompts
 from model.logprobs import masked_reduce
-from rl.args import add_group_args, add_reward_args, add_rollout_args, group_problems, reward_problems, rl_problems
+from rl.args import add_group_args, add_rl_args, group_problems, reward_problems, rl_problems
 from rl.group import GroupSettings, make_group_step
 from rl.rewards import rewards_from_args
 from rl.start import start_rl_run
-from training.args import add_common_args, check_args, common_problems
-from training.loop import Job, Updater, adamw
+from training.args import check_args, common_problems
+from training.loop import Job, adamw_updater
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="The chapter's reward-free GRPO: group-relative self log-probability.")
-    add_common_args(parser, save_weight="grpo", data_path="dataset/rl.jsonl", epochs=1, batch_size=16,
-                    learning_rate=1e-3, real_learning_rate=5e-5, max_seq_len=256, from_weight="full_sft",
-                    log_interval=10, save_interval=50, use_lora=1,
-                    real_micro_batch=64)
-    add_rollout_args(parser, num_generations=8, max_gen_len=48)
-    add_reward_args(parser, reward_funcs="")
+    add_rl_args(parser, save_weight="grpo", epochs=1, learning_rate=1e-3, real_micro_batch=64, num_generations=8,
+                reward_funcs="")
     add_group_args(parser, beta=0.1, loss_type="seed_sum")
     g = parser.add_argument_group("GRPO")
     g.add_argument("--logp_reduce", choices=["mean", "sum"], default="mean",
@@ -81,8 +77,7 @@ def build(args) -> Job:
     if external is not None:
         print0(method_line(args.self_reward_weight))
     run, source, start = start_rl_run(args, "grpo", prompts, group=args.num_generations)
-    updater = Updater(run, adamw(run.trainable_parameters(), args.learning_rate), args.grad_clip,
-                      args.accumulation_steps)
+    updater = adamw_updater(run)
 
     def score(rows, rollout):
         # The sample's own log-prob at sampling time, as the sampling forward computed it: a

@@ -24,24 +24,19 @@ import argparse
 
 from core.errors import run_cli
 from dataset.formats import load_prompts
-from rl.args import (add_ppo_args, add_reward_args, add_rollout_args, ppo_problems, required_reward_problems,
-                     reward_problems, rl_problems)
+from rl.args import add_ppo_args, add_rl_args, ppo_problems, required_reward_problems, reward_problems, rl_problems
 from rl.ppo import PPOSettings, actor_critic_builder, make_ppo_step, ppo_optimizers
 from rl.rewards import check_answers, rewards_from_args
 from rl.start import start_rl_run
-from training.args import add_common_args, check_args, common_problems
+from training.args import check_args, common_problems
 from training.loop import Job, Updater
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="PPO: policy and critic as LoRA adapters on one base, GAE, "
                                                  "KL penalty to the frozen reference.")
-    add_common_args(parser, save_weight="ppo_actor", data_path="dataset/rl.jsonl", epochs=1, batch_size=16,
-                    learning_rate=3e-3, real_learning_rate=5e-5, max_seq_len=256, from_weight="full_sft",
-                    log_interval=10, save_interval=50, use_lora=1,
-                    real_micro_batch=8)
-    add_rollout_args(parser, num_generations=4, max_gen_len=48)
-    add_reward_args(parser, reward_funcs="accuracy")
+    add_rl_args(parser, save_weight="ppo_actor", epochs=1, learning_rate=3e-3, real_micro_batch=8, num_generations=4,
+                reward_funcs="accuracy")
     add_ppo_args(parser)
     return parser.parse_args(argv)
 

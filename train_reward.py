@@ -24,16 +24,14 @@ from dataset.formats import load_pairs
 from losses.preference import reward_model_loss
 from model.value_head import last_token_values, reward_model_for_training
 from training.args import add_common_args, check_args, common_problems
-from training.loop import Job, Updater, adamw, supervised_step
-from training.order import DataOrder
+from training.loop import Job, data_order, supervised_job
 from training.run import Run
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Bradley-Terry reward model on preference pairs (LoRA + scalar head).")
-    add_common_args(parser, save_weight="reward", data_path="dataset/dpo.jsonl", epochs=2, batch_size=16,
-                    learning_rate=1e-3, real_learning_rate=1e-4, max_seq_len=1024, from_weight="full_sft",
-                    log_interval=10, save_interval=100, use_lora=1)
+    add_common_args(parser, save_weight="reward", data_path="dataset/dpo.jsonl", epochs=2, learning_rate=1e-3,
+                    real_learning_rate=1e-4, max_seq_len=1024)
     g = parser.add_argument_group("reward model")
     g.add_argument("--margin", type=int, choices=[0, 1], default=0,
                    help='1: subtract each pair\'s "margin" field from the reward gap (Llama 2\'s margin loss) (default: 0)')
@@ -59,10 +57,7 @@ def build(args) -> Job:
     run = Run(args, "reward", wrap=lambda lm, _: reward_model_for_training(lm, seed=args.seed))
     items, kept = encode_pairs(pairs, run.tokenizer, args.max_seq_len, args.data_path)
     margins = torch.tensor([p.get("margin", 0.0) for p in kept])
-    order = DataOrder(len(items), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,
-                      what="pairs")
-    updater = Updater(run, adamw(run.trainable_parameters(), args.learning_rate), args.grad_clip,
-                      args.accumulation_steps)
+    order = data_order(run, len(items), "pairs")
     pad = run.tokenizer.pad_token_id
 
     def micro_step(indices):
@@ -75,8 +70,7 @@ def build(args) -> Job:
                                           args.center_rewards)
         return loss, metrics, int(batch["attention_mask"].sum())
 
-    step = supervised_step(run, order, updater, micro_step, args.accumulation_steps)
-    return Job(run, order, updater, step, "reward", {"kind": "reward_model"})
+    return supervised_job(run, order, micro_step, "reward", {"kind": "reward_model"})
 
 
 def main(args):

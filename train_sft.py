@@ -21,8 +21,7 @@ from dataset.encoding import encode_conversations
 from dataset.formats import load_sft
 from losses.sft import sft_loss
 from training.args import add_common_args, check_args, common_problems
-from training.loop import Job, Updater, adamw, supervised_step
-from training.order import DataOrder
+from training.loop import Job, data_order, supervised_job
 from training.run import Run
 
 DEMO_HIDDEN_SIZE, DEMO_LAYERS = 192, 4
@@ -50,10 +49,7 @@ def build(args) -> Job:
     items, skipped = encode_conversations(conversations, run.tokenizer, args.max_seq_len)
     if skipped:
         print0(f"skipped {skipped} conversation(s) whose last response does not fit --max_seq_len {args.max_seq_len}")
-    order = DataOrder(len(items), args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist,
-                      what="conversations")
-    updater = Updater(run, adamw(run.trainable_parameters(), args.learning_rate), args.grad_clip,
-                      args.accumulation_steps)
+    order = data_order(run, len(items), "conversations")
     pad_id = run.tokenizer.pad_token_id
 
     def micro_step(indices):
@@ -63,7 +59,7 @@ def build(args) -> Job:
         loss, metrics = sft_loss(logits, batch["input_ids"], batch["loss_mask"])
         return loss, metrics, int(batch["attention_mask"].sum())
 
-    return Job(run, order, updater, supervised_step(run, order, updater, micro_step, args.accumulation_steps), "sft")
+    return supervised_job(run, order, micro_step, "sft")
 
 
 def main(args):

@@ -100,62 +100,66 @@ def _response_text(value, where: str, field: str) -> str:
 
 def load_sft(path: str) -> list[list[dict]]:
     """Conversations that end with a non-empty assistant turn."""
-    out = []
-    for lineno, row in read_jsonl(path):
-        where = f"{path}:{lineno}"
-        if "conversations" not in row:
-            raise UserError(f"{where}: missing field \"conversations\"")
-        msgs = check_messages(row["conversations"], where, "conversations")
-        if msgs[-1]["role"] != "assistant":
-            raise UserError(f"{where}: the conversation must end with an assistant turn")
-        for m in msgs:
-            if m["role"] == "assistant" and not m["content"].strip():
-                raise UserError(f"{where}: empty assistant response")
-        out.append(msgs)
-    return out
+    return parse_rows(path, conversation_row)
 
 
 def load_pairs(path: str) -> list[dict]:
-    """Preference pairs as {"prompt": messages, "chosen": text, "rejected": text}."""
-    out = []
-    for lineno, row in read_jsonl(path):
-        where = f"{path}:{lineno}"
-        for field in ("chosen", "rejected"):
-            if field not in row:
-                raise UserError(f"{where}: missing field \"{field}\"")
-        if "prompt" in row:
-            prompt = _as_prompt(row["prompt"], where, "prompt")
-        else:
-            chosen = check_messages(row["chosen"], where, "chosen")
-            rejected = check_messages(row["rejected"], where, "rejected")
-            for field, msgs in (("chosen", chosen), ("rejected", rejected)):
-                if msgs[-1]["role"] != "assistant":
-                    raise UserError(f"{where}: \"{field}\" must end with an assistant turn")
-            if chosen[:-1] != rejected[:-1]:
-                raise UserError(f"{where}: \"chosen\" and \"rejected\" must share the same turns before the last")
-            prompt = chosen[:-1]
-        pair = {"prompt": prompt,
-                "chosen": _response_text(row["chosen"], where, "chosen"),
-                "rejected": _response_text(row["rejected"], where, "rejected")}
-        if "margin" in row:  # how much better chosen is, for a reward model's margin loss
-            if isinstance(row["margin"], bool) or not isinstance(row["margin"], (int, float)):
-                raise UserError(f"{where}: \"margin\" must be a number")
-            pair["margin"] = float(row["margin"])
-        out.append(pair)
-    return out
+    """Preference pairs as {"prompt": messages, "chosen": text, "rejected": text[, "margin": number]}."""
+    return parse_rows(path, pair_row)
 
 
 def load_prompts(path: str) -> list[dict]:
     """Prompts as {"prompt": messages, **other fields of the line}."""
-    out = []
-    for lineno, row in read_jsonl(path):
-        where = f"{path}:{lineno}"
-        if "conversations" in row:
-            prompt = _as_prompt(row["conversations"], where, "conversations")
-        elif "prompt" in row:
-            prompt = _as_prompt(row["prompt"], where, "prompt")
-        else:
-            raise UserError(f"{where}: missing field \"conversations\" or \"prompt\"")
-        extra = {k: v for k, v in row.items() if k not in ("conversations", "prompt")}
-        out.append({"prompt": prompt, **extra})
-    return out
+    return parse_rows(path, prompt_row)
+
+
+def parse_rows(path: str, parse) -> list:
+    """``parse(row, where)`` of every line of the file; ``where`` ("file:line") names it in errors."""
+    return [parse(row, f"{path}:{lineno}") for lineno, row in read_jsonl(path)]
+
+
+def conversation_row(row: dict, where: str) -> list[dict]:
+    if "conversations" not in row:
+        raise UserError(f"{where}: missing field \"conversations\"")
+    msgs = check_messages(row["conversations"], where, "conversations")
+    if msgs[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the conversation must end with an assistant turn")
+    for m in msgs:
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise UserError(f"{where}: empty assistant response")
+    return msgs
+
+
+def pair_row(row: dict, where: str) -> dict:
+    for field in ("chosen", "rejected"):
+        if field not in row:
+            raise UserError(f"{where}: missing field \"{field}\"")
+    if "prompt" in row:
+        prompt = _as_prompt(row["prompt"], where, "prompt")
+    else:
+        chosen = check_messages(row["chosen"], where, "chosen")
+        rejected = check_messages(row["rejected"], where, "rejected")
+        for field, msgs in (("chosen", chosen), ("rejected", rejected)):
+            if msgs[-1]["role"] != "assistant":
+                raise UserError(f"{where}: \"{field}\" must end with an assistant turn")
+        if chosen[:-1] != rejected[:-1]:
+            raise UserError(f"{where}: \"chosen\" and \"rejected\" must share the same turns before the last")
+        prompt = chosen[:-1]
+    pair = {"prompt": prompt,
+            "chosen": _response_text(row["chosen"], where, "chosen"),
+            "rejected": _response_text(row["rejected"], where, "rejected")}
+    if "margin" in row:  # how much better chosen is, for a reward model's margin loss
+        if isinstance(row["margin"], bool) or not isinstance(row["margin"], (int, float)):
+            raise UserError(f"{where}: \"margin\" must be a number")
+        pair["margin"] = float(row["margin"])
+    return pair
+
+
+def prompt_row(row: dict, where: str) -> dict:
+    if "conversations" in row:
+        prompt = _as_prompt(row["conversations"], where, "conversations")
+    elif "prompt" in row:
+        prompt = _as_prompt(row["prompt"], where, "prompt")
+    else:
+        raise UserError(f"{where}: missing field \"conversations\" or \"prompt\"")
+    return {"prompt": prompt, **{k: v for k, v in row.items() if k not in ("conversations", "prompt")}}

@@ -12,9 +12,22 @@ from losses.policy import AGGREGATION_TYPES, CISPO_EPSILON_HIGH, IS_LEVELS, LOSS
 from losses.ppo import KL_ESTIMATORS
 from model.reward_model import check_reward_folder
 from rl.rewards import RewardFunctions, parse_reward_args
+from training.args import add_common_args
 from training.checkpoint import OLD_LOSS_AGG   # --loss_agg, the old spelling of --loss_type
 
 SGLANG_FLAGS = ("sglang_base_url", "sglang_model_path", "sglang_shared_path")   # MiniMind's, refused
+
+
+def add_rl_args(parser: argparse.ArgumentParser, *, save_weight: str, epochs: int, learning_rate: float,
+                real_micro_batch: int, num_generations: int, reward_funcs: str) -> None:
+    """The flags every RL script shares, with the defaults they share: add_common_args's (the demo's
+    RL prompts, a save every 50 steps, a real model's learning rate 5e-5), sampling (responses of up
+    to 48 tokens) and rewards."""
+    add_common_args(parser, save_weight=save_weight, data_path="dataset/rl.jsonl", epochs=epochs,
+                    learning_rate=learning_rate, real_learning_rate=5e-5, save_interval=50,
+                    real_micro_batch=real_micro_batch)
+    add_rollout_args(parser, num_generations=num_generations, max_gen_len=48)
+    add_reward_args(parser, reward_funcs=reward_funcs)
 
 
 def add_rollout_args(parser: argparse.ArgumentParser, *, num_generations: int = 8, max_gen_len: int = 64,

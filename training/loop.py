@@ -3,12 +3,10 @@
 A script's ``build(args)`` returns a Job:
 
     run = Run(args, "dpo", reference="shared")              # model (+LoRA), reference, DDP (training.run)
-    order = DataOrder(len(data), args.batch_size, ...)      # seeded, resumable, rank-sliced (training.order)
-    updater = Updater(run, adamw(run, args.learning_rate), args.grad_clip, args.accumulation_steps)
+    order = data_order(run, len(pairs), "pairs")            # seeded, resumable, rank-sliced (training.order)
     def micro_step(indices):                                # one micro-batch: forward through run.model
         return loss, {"rewards/margins": ...}, n_tokens
-    step = supervised_step(run, order, updater, micro_step, args.accumulation_steps)
-    return Job(run, order, updater, step, "dpo")
+    return supervised_job(run, order, micro_step, "dpo")    # AdamW (Updater), one step of micro-batches
 
 and ``main`` runs it: ``build(args)()``. The loop does the rest: --from_resume 1, the cosine
 learning rate (ending at --max_steps), --stop_after_steps, logging (metrics averaged over the
@@ -165,6 +163,29 @@ class Job:
 
     def __call__(self) -> str:
         return run_steps(self)
+
+
+def data_order(run: Run, n: int, what: str) -> DataOrder:
+    """The seeded order of a supervised script's ``n`` examples (``what`` they are, for messages):
+    --batch_size a micro-batch, --accumulation_steps micro-batches a step, --epochs passes."""
+    args = run.args
+    return DataOrder(n, args.batch_size, args.epochs, args.accumulation_steps, args.seed, run.dist, what=what)
+
+
+def adamw_updater(run: Run) -> Updater:
+    """AdamW over the run's trainable parameters at --learning_rate, clipped at --grad_clip, each
+    step's loss cut into --accumulation_steps pieces."""
+    args = run.args
+    return Updater(run, adamw(run.trainable_parameters(), args.learning_rate), args.grad_clip, args.accumulation_steps)
+
+
+def supervised_job(run: Run, order: DataOrder, micro_step, desc: str, extra_meta: dict | None = None,
+                   start: Start | None = None) -> Job:
+    """The Job of SFT, DPO and the reward model: adamw_updater, and supervised_step over
+    --accumulation_steps micro-batches of ``micro_step``."""
+    updater = adamw_updater(run)
+    step = supervised_step(run, order, updater, micro_step, run.args.accumulation_steps)
+    return Job(run, order, updater, step, desc, extra_meta, start)
 
 
 def supervised_step(run: Run, order: DataOrder, updater: Updater, micro_step, accumulation_steps: int):
