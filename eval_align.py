@@ -1,7 +1,7 @@
 """Evaluate a model, with or without an adapter, on the held-out demo files.
 
     python eval_align.py                                  # the shipped demo SFT model
-    python eval_align.py --lora_weight dpo                # out/dpo_128/ merged into the base it records
+    python eval_align.py --lora_weight dpo                # out/dpo_192/ merged into the base it records
     python eval_align.py --from_weight out/merged --json  # any model folder, one JSON line
 
 Reports

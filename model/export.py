@@ -1,7 +1,7 @@
 """Merge an adapter into its base and write a full Hugging Face model folder.
 
     python -m model.export --lora_weight dpo --out out/dpo_merged            # onto the base the adapter records
-    python -m model.export --from_weight full_sft --lora_weight out/dpo_128 --out out/dpo_merged
+    python -m model.export --from_weight full_sft --lora_weight out/dpo_192 --out out/dpo_merged
     python -m model.export --from_weight lora_identity --out out/identity_merged   # an adapter alone:
                                                                                   # merged into its recorded base
     python -m model.export --from_weight dpo --format minimind --out ../minimind/out --name full_sft
