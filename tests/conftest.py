@@ -1,5 +1,8 @@
+import io
 import os
+import runpy
 import sys
+import time
 
 import pytest
 import torch
@@ -8,12 +11,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)  # the scripts' default paths are relative to the project root
 
+from helpers import forked  # noqa: E402
 from model import LMConfig, init_model  # noqa: E402
 
 TINY = dict(hidden_size=32, num_hidden_layers=2)
 # What a saved LoRA adapter folder holds: PEFT's two files, minialign.json, and the tokenizer it was trained with.
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "minialign.json",
                  "tokenizer.json", "tokenizer_config.json"]
+# A and B of each of the 7 attention and MLP projections (q, k, v, o, gate, up, down) of each tiny layer
+TINY_LORA_TENSORS = 2 * 7 * TINY["num_hidden_layers"]
+
+
+def assert_trained_lora(tensors: dict) -> None:
+    """A LoRA adapter saved by a tiny run: every LoRA tensor of the tiny model and nothing else,
+    and B (zero until the adapter trains) moved."""
+    assert len(tensors) == TINY_LORA_TENSORS and all("lora_" in k for k in tensors), sorted(tensors)[:4]
+    assert any(float(t.abs().max()) > 0 for k, t in tensors.items() if "lora_B" in k), "no lora_B moved"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -60,6 +73,26 @@ def run_args(parse_args, tmp, data, from_weight, *extra):
                        *extra])
 
 
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """cli("train_dpo.py", *argv) -> (exit status, stdout, stderr): the script run as ``python
+    train_dpo.py *argv`` runs it, ``__main__`` block and all, but in this process: no new
+    interpreter and its imports (a subprocess is kept for signals, kill -9 and torchrun)."""
+    def run(script, *argv, stdin=None):
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", [script, *argv])
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        said = capsys.readouterr()
+        return code, said.out, said.err
+    return run
+
+
 def free_port() -> int:
     """A free TCP port on localhost, for a torchrun rendezvous."""
     import socket
@@ -68,19 +101,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def interrupt_after(cmd: list[str], metrics_path, steps: int, sig):
-    """Start the training command ``cmd``, send it ``sig`` once ``steps`` steps are in its
-    metrics file, and return (returncode, stdout, stderr)."""
-    import subprocess
-    import time
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def interrupt_after(script: str, argv: list[str], metrics_path, steps: int, sig):
+    """Start the training script with ``argv`` in a process of its own (helpers/forked.py), send
+    it ``sig`` once ``steps`` steps are in its metrics file, and return (returncode, stdout, stderr)."""
+    proc = forked.Child(forked.script, (script, argv), os.path.join(os.path.dirname(metrics_path), "processes"))
     deadline = time.time() + 120
-    while time.time() < deadline and (not os.path.exists(metrics_path)
-                                      or len(open(metrics_path).read().splitlines()) < steps):
-        time.sleep(0.2)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    return proc.returncode, out, err
+    while time.time() < deadline and proc.poll() is None and (
+            not os.path.exists(metrics_path) or len(open(metrics_path).read().splitlines()) < steps):
+        time.sleep(0.05)
+    os.kill(proc.pid, sig)
+    done = proc.wait(timeout=120)
+    return done.returncode, done.stdout, done.stderr
 
 
 def sample_ids(vocab=1000, shape=(2, 9), seed=0):

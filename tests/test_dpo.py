@@ -16,7 +16,7 @@ from dataset.encoding import encode_pairs
 from dataset.formats import load_pairs
 from model import LMConfig, apply_lora, init_model, save_lora
 from train_dpo import main, pair_logprobs, parse_args, precompute_reference
-from conftest import ADAPTER_FILES, first_lines, free_port, interrupt_after, run_args
+from conftest import ADAPTER_FILES, assert_trained_lora, first_lines, free_port, interrupt_after, run_args
 from core.errors import UserError
 from training.run import Run
 
@@ -66,7 +66,7 @@ def test_tiny_run_saves_lora_only_adapter_and_metrics(tmp_path, small_pairs, sav
     out = main(args_for(tmp_path, small_pairs, save_dir, "--max_steps", "3", "--learning_rate", "1e-2"))
     assert out == str(tmp_path / "out" / "dpo_32")
     weights = adapter(out)
-    assert weights and all("lora_A" in k or "lora_B" in k for k in weights)
+    assert_trained_lora(weights)
     assert all(k.startswith("base_model.model.") for k in weights)
     assert sorted(os.listdir(out)) == ADAPTER_FILES
     metrics = rows(tmp_path / "out" / "dpo_32_metrics.jsonl")
@@ -200,27 +200,28 @@ def test_from_weight_adapter_is_merged_and_is_the_reference(tmp_path, small_pair
     assert any((a - b).abs().max() > 0 for a, b in zip(merged.parameters(), base.parameters()))
 
 
-def test_seed_command_line_runs_as_written(tmp_path, save_dir):
+def test_seed_command_line_runs_as_written(tmp_path, save_dir, cli, monkeypatch):
     """The chapter's command, with only the device, the sizes and an early stop added; its
     --data_path ../dataset/dpo.jsonl (MiniMind's trainer/ layout) finds the project's file."""
     d = tmp_path / "save"
     shutil.copytree(save_dir, d)
-    cmd = [sys.executable, "train_dpo.py", "--epochs", "20", "--hidden_size", "32", "--device", "cpu",
-           "--batch_size", "16", "--learning_rate", "1e-4", "--accumulation_steps", "8", "--log_interval", "10",
-           "--save_interval", "100", "--data_path", "../dataset/dpo.jsonl", "--num_hidden_layers", "2",
-           "--use_wandb", "--from_resume", "1", "--from_weight", "lora_identity",
-           "--save_dir", str(d), "--checkpoint_dir", str(tmp_path / "ck"), "--stop_after_steps", "2"]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "no resume file" in proc.stdout and "using" in proc.stdout and "dataset/dpo.jsonl" in proc.stdout
+    argv = ["--epochs", "20", "--hidden_size", "32", "--device", "cpu",
+            "--batch_size", "16", "--learning_rate", "1e-4", "--accumulation_steps", "8", "--log_interval", "10",
+            "--save_interval", "100", "--data_path", "../dataset/dpo.jsonl", "--num_hidden_layers", "2",
+            "--use_wandb", "--from_resume", "1", "--from_weight", "lora_identity",
+            "--save_dir", str(d), "--checkpoint_dir", str(tmp_path / "ck"), "--stop_after_steps", "2"]
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    code, out, err = cli("train_dpo.py", *argv)
+    assert code == 0, err[-3000:]
+    assert "no resume file" in out and "using" in out and "dataset/dpo.jsonl" in out
     # 20 epochs: precomputed, for the 2 steps x 8 micro-batches x 16 pairs that run
-    assert "reference log-probs computed once, for the 256 of 4000 pairs the run uses" in proc.stdout
+    assert "reference log-probs computed once, for the 256 of 4000 pairs the run uses" in out
     assert os.path.isfile(d / "dpo_32" / "adapter_model.safetensors")
     assert [r["step"] for r in rows(d / "dpo_32_metrics.jsonl")] == [2]
     assert list((d / "wandb").glob("offline-run-*"))
-    again = subprocess.run(cmd[:-1] + ["3"], capture_output=True, text=True, timeout=300, env=env)
-    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
+    code, out, err = cli("train_dpo.py", *argv[:-1], "3")
+    assert code == 0 and "resumed from" in out, err[-3000:]
 
 
 @pytest.mark.slow
@@ -236,9 +237,8 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, small_pairs, save_di
         capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stdout and "weights identical on all 2 processes" in two.stdout
-    one = subprocess.run([sys.executable, *common, "--batch_size", "4", "--save_dir", str(tmp_path / "one"),
-                          "--checkpoint_dir", str(tmp_path / "ck1")], capture_output=True, text=True, timeout=300, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
+    main(parse_args([*common[1:], "--batch_size", "4", "--save_dir", str(tmp_path / "one"),   # one process: this one
+                     "--checkpoint_dir", str(tmp_path / "ck1")]))
     # Adam divides each step by the gradient's running magnitude, so rounding differences in
     # near-zero gradients (two half batches vs one batch) show up around 1e-4 here; gradients
     # that were not synchronised would differ by the order of the learning rate (1e-2).
@@ -249,10 +249,10 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, small_pairs, save_di
 
 @pytest.mark.slow
 def test_sigint_saves_then_exits(tmp_path, small_pairs, save_dir):
-    cmd = [sys.executable, "train_dpo.py", "--data_path", small_pairs, "--from_weight",
-           os.path.join(save_dir, "full_sft_32"), "--batch_size", "4", "--epochs", "1000", "--device", "cpu",
-           "--log_interval", "1", "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ck")]
-    code, out, err = interrupt_after(cmd, tmp_path / "out" / "dpo_32_metrics.jsonl", 2, signal.SIGINT)
+    argv = ["--data_path", small_pairs, "--from_weight", os.path.join(save_dir, "full_sft_32"), "--batch_size", "4",
+            "--epochs", "1000", "--device", "cpu", "--log_interval", "1", "--save_dir", str(tmp_path / "out"),
+            "--checkpoint_dir", str(tmp_path / "ck")]
+    code, out, err = interrupt_after("train_dpo.py", argv, tmp_path / "out" / "dpo_32_metrics.jsonl", 2, signal.SIGINT)
     assert code == 0 and "stopped by a signal" in out, err[-2000:]
     ckpt = torch.load(tmp_path / "ck" / "dpo_32_resume.pth", weights_only=True)
     assert ckpt["step"] >= 2 and os.path.isfile(tmp_path / "out" / "dpo_32" / "adapter_model.safetensors")
@@ -295,9 +295,8 @@ def test_overlong_pairs_are_cut_from_the_left_or_skipped(tmp_path, save_dir, cap
     assert "skipped 1 of 10 pair(s)" in capsys.readouterr().out
 
 
-def test_cli_no_flags_help_and_bad_input_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "train_dpo.py", "--data_path", str(tmp_path / "missing.jsonl"),
-                           "--save_dir", str(tmp_path / "o"), "--device", "cpu"], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing.jsonl'}: no such data file; check --data_path"
+def test_cli_no_flags_help_and_bad_input_exit_2(tmp_path, cli):
+    code, _, err = cli("train_dpo.py", "--data_path", str(tmp_path / "missing.jsonl"), "--save_dir", str(tmp_path / "o"),
+                       "--device", "cpu")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"error: {tmp_path / 'missing.jsonl'}: no such data file; check --data_path"

@@ -1,11 +1,12 @@
 """eval_align.py: the shipped SFT sits in its band; metrics are well defined."""
 import json
-import subprocess
-import sys
 
 import pytest
+import torch
 
+from dataset.encoding import encode_prompt, encode_response, render_prompt
 from dataset.formats import load_pairs
+from model.logprobs import model_sequence_logprobs
 from eval_align import main, pair_accuracy, parse_args
 
 
@@ -16,15 +17,31 @@ def test_shipped_sft_is_deliberately_imperfect():
     assert 0.5 < r["pair_acc"] < 0.95  # room for DPO to help
 
 
-def test_json_line_keys(tiny_dir):
-    proc = subprocess.run([sys.executable, "eval_align.py", "--from_weight", "full_sft", "--save_dir", tiny_dir,
-                           "--json", "--device", "cpu", "--max_new_tokens", "4"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_json_line_keys(tiny_dir, tiny_model, cli):
+    code, out, err = cli("eval_align.py", "--from_weight", "full_sft", "--save_dir", tiny_dir, "--json", "--device",
+                         "cpu", "--max_new_tokens", "4")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
     for key in ("pair_acc", "answer_acc", "mean_len", "n_pairs", "n_prompts"):
         assert key in result
-    assert 0 <= result["pair_acc"] <= 1 and 0 <= result["answer_acc"] <= 1 and 1 <= result["mean_len"] <= 4
+    # pair_acc: the pairs whose chosen answer has the higher mean log-prob per token, each pair scored on its own
+    # here (no batch, no padding); answer_acc 0: a random 2-layer model does not write "The answer is X." in 4 tokens
+    model, tok = tiny_model
+    pairs = load_pairs("dataset/heldout_dpo.jsonl")
+    wins = [one_by_one(model, tok, p, "chosen") > one_by_one(model, tok, p, "rejected") for p in pairs]
+    assert result["n_pairs"] == len(pairs) and result["pair_acc"] == round(sum(wins) / len(wins), 4)
+    assert result["pair_acc"] not in (0.0, 0.5, 1.0)                 # a flipped comparison would show
+    assert result["answer_acc"] == 0 and 1 <= result["mean_len"] <= 4
+
+
+@torch.no_grad()
+def one_by_one(model, tok, pair: dict, side: str) -> float:
+    """The mean log-prob per token of one answer of a pair, its sequence alone in a batch of one."""
+    prompt = encode_prompt(tok, pair["prompt"])
+    response = encode_response(tok, pair[side], render_prompt(tok, pair["prompt"]), prompt)
+    ids = torch.tensor([prompt + response])
+    mask = torch.tensor([[0] * len(prompt) + [1] * len(response)])
+    return float(model_sequence_logprobs(model, ids, torch.ones_like(ids), mask))
 
 
 def test_swapping_chosen_and_rejected_flips_pair_accuracy(tiny_model):
@@ -36,12 +53,12 @@ def test_swapping_chosen_and_rejected_flips_pair_accuracy(tiny_model):
     assert n == 40 and acc + acc_swapped == pytest.approx(1.0)
 
 
-def test_missing_answer_field_is_reported(tmp_path, tiny_dir):
+def test_missing_answer_field_is_reported(tmp_path, tiny_dir, cli):
     f = tmp_path / "p.jsonl"
     f.write_text('{"conversations": [{"role": "user", "content": "q"}]}\n')
-    proc = subprocess.run([sys.executable, "eval_align.py", "--from_weight", "full_sft", "--save_dir", tiny_dir,
-                           "--data", str(f), "--device", "cpu"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "have no \"answer\" field" in proc.stderr
+    code, _, err = cli("eval_align.py", "--from_weight", "full_sft", "--save_dir", tiny_dir, "--data", str(f),
+                       "--device", "cpu")
+    assert code == 2 and "have no \"answer\" field" in err
 
 
 def test_shipped_lora_identity_knows_who_it_is():
@@ -63,7 +80,7 @@ def test_pairs_none_gives_answer_accuracy_alone(tiny_dir, tmp_path, capsys):
     common = ["--from_weight", "full_sft", "--save_dir", tiny_dir, "--data", data, "--pairs", "none", "--device", "cpu",
               "--max_new_tokens", "4"]
     r = main(parse_args(common))
-    assert r["pair_acc"] is None and r["n_pairs"] == 0 and r["n_prompts"] == 6 and 0 <= r["answer_acc"] <= 1
+    assert r["pair_acc"] is None and r["n_pairs"] == 0 and r["n_prompts"] == 6 and r["answer_acc"] == 0
     said = capsys.readouterr().out
     assert "answer_acc" in said and "pair_acc" not in said
     with pytest.raises(UserError, match="--reward_model needs --pairs"):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import rl.ppo
 import train_ppo
 import train_reward
-from conftest import ADAPTER_FILES, first_lines, free_port, run_args
+from conftest import ADAPTER_FILES, assert_trained_lora, first_lines, free_port, run_args
 from model.lora import adapter_parameters
 from model.reward_model import RewardModel
 from model.value_head import HEAD_FILE
@@ -83,7 +83,7 @@ def test_tiny_run_logs_every_metric_and_saves_actor_and_critic(tmp_path, prompts
     assert out.endswith("ppo_actor_32")
     assert sorted(os.listdir(out)) == ADAPTER_FILES
     actor = tensors(out)
-    assert actor and all("lora_" in k for k in actor)
+    assert_trained_lora(actor)
     critic = critic_dir(out)
     assert sorted(os.listdir(critic)) == sorted(os.listdir(out) + [HEAD_FILE])
     assert max_diff(actor, tensors(critic)) > 0                     # two different adapters
@@ -218,7 +218,7 @@ def test_torchrun_two_processes_then_one(tmp_path, prompts, tiny_dir, capsys):
     assert [r["step"] for r in rows(tmp_path / "out" / "ppo_actor_32_metrics.jsonl")] == [1, 2, 5]
 
 
-def test_bad_input_stops_before_training(tmp_path, prompts, tiny_dir):
+def test_bad_input_stops_before_training(tmp_path, prompts, tiny_dir, cli):
     for extra, message in [(["--use_lora", "0"], "--use_lora 0: PPO keeps policy, critic and reference"),
                            (["--clip_epsilon", "1.5"], "--clip_epsilon must be in"),
                            (["--gamma", "2"], "--gamma and --lam must be in"),
@@ -230,6 +230,5 @@ def test_bad_input_stops_before_training(tmp_path, prompts, tiny_dir):
         with pytest.raises(UserError, match=message):
             train_ppo.main(args_for(tmp_path, prompts, tiny_dir, *extra))
     assert not (tmp_path / "out").exists()
-    proc = subprocess.run([sys.executable, "train_ppo.py", "--kl_coef", "-1", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: --kl_coef must be 0 or positive (got -1.0)"
+    code, _, err = cli("train_ppo.py", "--kl_coef", "-1", "--device", "cpu")
+    assert code == 2 and err.strip().splitlines()[-1] == "error: --kl_coef must be 0 or positive (got -1.0)"

@@ -2,7 +2,8 @@
 a kill in the middle of a save, SIGTERM/SIGINT, a resume file from other arguments, non-finite
 steps, a full disk, a changed world size and two machines.
 
-The faults are real: tests/helpers/crash.py runs the real CLI and sends the process SIGKILL,
+The faults are real: tests/helpers/crash.py runs the real CLI in a process of its own (forked
+from a server that has the imports done: tests/helpers/forked.py) and sends that process SIGKILL,
 SIGTERM or SIGINT at a chosen step (or in the middle of a save), chosen at random here; the
 seed is in every assertion message so a failure can be replayed.
 """
@@ -24,6 +25,7 @@ import train_grpo
 import train_ppo
 import train_reward
 from conftest import first_lines, free_port
+from helpers import crash, forked
 from training.checkpoint import kept_resume_files, load_resume
 from core.errors import RunHalted, UserError
 
@@ -62,10 +64,10 @@ def run_here(name, tmp, data, tiny_dir, *extra):
 
 
 def run_with_fault(fault, name, tmp, data, tiny_dir, *extra):
+    """The script's CLI in a process of its own, with ``fault`` (helpers/crash.py) injected."""
     script = SCRIPTS[name][0].__name__ + ".py"
-    return subprocess.run([sys.executable, "tests/helpers/crash.py", fault, script,
-                           *cli_args(name, tmp, data, tiny_dir, *extra)],
-                          capture_output=True, text=True, timeout=300)
+    return forked.run(crash.run_fault, fault, script, cli_args(name, tmp, data, tiny_dir, *extra),
+                      out_dir=tmp / "processes")
 
 
 def weights(tmp, name):
@@ -136,15 +138,15 @@ def test_kill_9_from_outside_at_a_random_moment(tmp_path, data, tiny_dir):
     target = random.Random(seed).randint(2, 6)
     cut = tmp_path / "cut"
     endless = cli_args("dpo", cut, data, tiny_dir, "--epochs", "1000", "--save_interval", "1")
-    proc = subprocess.Popen([sys.executable, "train_dpo.py", *endless], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = forked.Child(forked.script, ("train_dpo.py", endless), tmp_path / "processes")
     metrics = cut / "out" / "dpo_32_metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and \
             (not metrics.exists() or metrics.read_text().count("\n") < target):
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    done = proc.wait(timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     n = resume_step(cut, "dpo") + 3
     train_dpo.main(train_dpo.parse_args(endless + ["--from_resume", "1", "--stop_after_steps", str(n)]))
     straight = tmp_path / "straight"
@@ -262,12 +264,11 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, data, t
     assert max_diff(weights(tmp_path / "two", "dpo"), weights(tmp_path / "diverged", "dpo")) == 0
 
 
-def test_a_learning_rate_that_blows_up_stops_with_finite_weights(tmp_path, data, tiny_dir):
-    proc = subprocess.run([sys.executable, "train_ppo.py", *cli_args("ppo", tmp_path, data, tiny_dir,
-                                                                      "--learning_rate", "1e30", "--max_bad_steps", "2")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: stopped at step ")
+def test_a_learning_rate_that_blows_up_stops_with_finite_weights(tmp_path, data, tiny_dir, cli):
+    code, _, err = cli("train_ppo.py", *cli_args("ppo", tmp_path, data, tiny_dir, "--learning_rate", "1e30",
+                                                 "--max_bad_steps", "2"))
+    assert code == 3, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: stopped at step ")
     assert all(torch.isfinite(v).all() for v in weights(tmp_path, "ppo").values())
 
 

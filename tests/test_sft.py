@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -114,14 +115,13 @@ def test_bad_flags_are_refused_before_training(tmp_path, small_sft):
         main(args_for(tmp_path, small_sft, "--learning_rate", "0"))
 
 
-def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, cli):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n{oops\n')
-    proc = subprocess.run([sys.executable, "train_sft.py", "--data_path", str(bad), "--hidden_size", "32",
-                           "--num_hidden_layers", "2", "--save_dir", str(tmp_path / "o"), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)"
+    code, _, err = cli("train_sft.py", "--data_path", str(bad), "--hidden_size", "32", "--num_hidden_layers", "2",
+                       "--save_dir", str(tmp_path / "o"), "--device", "cpu")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"error: {bad}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)"
     assert not os.path.exists(tmp_path / "o" / "full_sft_32")
 
 
@@ -143,19 +143,16 @@ def test_torchrun_two_processes_on_cpu(tmp_path, small_sft):
 
 @pytest.mark.slow
 def test_sigterm_saves_then_exits_and_resume_continues(tmp_path, small_sft):
-    import signal
-    args = [sys.executable, "train_sft.py", "--data_path", small_sft, "--hidden_size", "32", "--num_hidden_layers",
-            "2", "--batch_size", "4", "--epochs", "1000", "--device", "cpu", "--log_interval", "1",
+    args = ["--data_path", small_sft, "--hidden_size", "32", "--num_hidden_layers", "2", "--batch_size", "4",
+            "--epochs", "1000", "--device", "cpu", "--log_interval", "1",
             "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ck")]
     metrics = tmp_path / "out" / "full_sft_32_metrics.jsonl"
-    code, out, err = interrupt_after(args, metrics, 3, signal.SIGTERM)
+    code, out, err = interrupt_after("train_sft.py", args, metrics, 3, signal.SIGTERM)
     assert code == 0, err[-2000:]
     assert "stopped by a signal" in out
     ckpt = torch.load(tmp_path / "ck" / "full_sft_32_resume.pth", weights_only=True)
     done = ckpt["step"]
     assert done >= 3 and os.path.isfile(tmp_path / "out" / "full_sft_32" / "model.safetensors")
-    resumed = subprocess.run(args + ["--from_resume", "1", "--stop_after_steps", str(done + 2)],
-                             capture_output=True, text=True, timeout=120)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    main(parse_args(args + ["--from_resume", "1", "--stop_after_steps", str(done + 2)]))     # here: no signal
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
     assert steps == list(range(1, done + 3))

@@ -1,6 +1,8 @@
 """Run a training script with one fault at a chosen point, as a crash or a pre-emption would.
 
     python tests/helpers/crash.py FAULT script.py [its arguments...]
+    forked.run(crash.run_fault, FAULT, "script.py", [its arguments...], out_dir=...)   # from a test
+
 
 FAULT is KIND:K, counted in this process:
     kill-step:K      SIGKILL at the first backward of optimizer step K, counted from the run's start
@@ -23,17 +25,21 @@ import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from training.logging import RunLogger  # noqa: E402
 
 
 def main():
-    kind, k = sys.argv[1].split(":")
+    run_fault(sys.argv[1], sys.argv[2], sys.argv[3:])
+
+
+def run_fault(fault: str, script: str, args: list[str]) -> None:
+    """Run ``script`` with ``args`` as ``__main__``, with ``fault`` (see above) injected."""
+    kind, k = fault.split(":")
     k = int(k)
-    script, args = sys.argv[2], sys.argv[3:]
-    sys.path.insert(0, ROOT)
-
-    import torch
-    from training.logging import RunLogger
-
     done = {"step": None, "saves": 0, "dirs": 0, "fired": False}
 
     log_init, log_step = RunLogger.__init__, RunLogger.step
@@ -89,7 +95,7 @@ def main():
 
         os.replace = patched_replace
     else:
-        sys.exit(f"unknown fault {sys.argv[1]}")
+        sys.exit(f"unknown fault {fault}")
 
     sys.argv = [script, *args]
     runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
