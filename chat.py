@@ -20,10 +20,11 @@ from dataset.encoding import encode_prompt, stop_ids
 from model.loading import load_for_inference, model_name
 from model.flags import add_inference_model_args
 from core.errors import UserError, run_cli
-from core.runtime import default_device
+from core.runtime import add_device_arg
 
 
-def parse_args(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """The script's flags (docs/flags.md is made from them)."""
     p = argparse.ArgumentParser(description="Chat with a model (base + optional LoRA adapter), answers streamed.")
     add_inference_model_args(p, "model: a name, a path, or an adapter alone (merged into its base)")
     p.add_argument("--prompt", action="append", default=None,
@@ -34,8 +35,12 @@ def parse_args(argv=None):
     p.add_argument("--history", type=int, choices=[0, 1], default=1,
                    help="1: each turn sees the conversation so far; 0: every question alone (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--device", default=default_device(), help="cpu or cuda:N (default: %(default)s)")
-    return p.parse_args(argv)
+    add_device_arg(p)
+    return p
+
+
+def parse_args(argv=None):
+    return arg_parser().parse_args(argv)
 
 
 class Chat:

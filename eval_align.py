@@ -39,10 +39,11 @@ from model.flags import add_inference_model_args
 from core.errors import UserError, run_cli
 from training.evaluation import (add_answer_check_arg, add_tie_margin_arg, answer_sums, generate_responses, pair_scores,
                               pair_sums, rates, rejected_rewards, scored_answers, tie_margin_problems, win_sums)
-from core.runtime import default_device
+from core.runtime import add_device_arg
 
 
-def parse_args(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """The script's flags (docs/flags.md is made from them)."""
     p = argparse.ArgumentParser(description="Held-out preference and answer accuracy of a model.")
     add_inference_model_args(p, "model: a name, a path, or none")
     p.add_argument("--data", default=project_path("dataset", "heldout_rl.jsonl"),
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=64, help="longest greedy response in tokens (default: %(default)s)")
     p.add_argument("--max_seq_len", type=int, default=256, help="longest prompt + response when scoring pairs (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=64, help="sequences per forward (default: %(default)s)")
-    p.add_argument("--device", default=default_device(), help="cpu or cuda:N (default: %(default)s)")
+    add_device_arg(p)
     p.add_argument("--reward_model", default=None,
                    help="also report rm_pair_acc: held-out pairs this reward model (a train_reward.py folder or a "
                         "sequence-classification model folder) ranks correctly")
@@ -70,7 +71,11 @@ def parse_args(argv=None):
                    help="module:function called as f(response) -> bool: is the answer in the style the pairs' chosen "
                         "answers share? reported as style_share (e.g. dataset.demo_world:on_point for the demo)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return arg_parser().parse_args(argv)
 
 
 def pair_accuracy(model, tokenizer, pairs: list[dict], max_seq_len: int, batch_size: int, device) -> tuple[float, int]:

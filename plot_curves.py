@@ -99,14 +99,19 @@ def plot(paths: list[str], out: str, metrics: list[str] | None = None) -> list[s
     return drawn
 
 
-def parse_args(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """The script's flags (docs/flags.md is made from them)."""
     p = argparse.ArgumentParser(description="Training curves of one or more runs (their *_metrics.jsonl) to a PNG.")
     p.add_argument("metrics_files", nargs="+", help="metrics files written by the training scripts")
     p.add_argument("--out", default=None, help="PNG to write (default: next to the first file, *_curves.png)")
     p.add_argument("--metrics", default=None,
                    help=f"comma-separated metrics, one panel each (default: those of {','.join(DEFAULT_METRICS)} "
                         f"that were logged)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return arg_parser().parse_args(argv)
 
 
 def main(args):

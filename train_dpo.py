@@ -53,7 +53,8 @@ SCALED_BETA_LOSS_TYPES = ("sigmoid", "hinge", "robust")
 MIN_MEAN_BETA = 0.5
 
 
-def parse_args(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """The script's flags (docs/flags.md is made from them)."""
     parser = argparse.ArgumentParser(description="DPO on preference pairs, with LoRA and a frozen reference.")
     add_common_args(parser, save_weight="dpo", data_path="dataset/dpo.jsonl", epochs=2, learning_rate=3e-4,
                     real_learning_rate=1e-4, max_seq_len=1024)
@@ -80,7 +81,11 @@ def parse_args(argv=None):
                         "(default: shared with LoRA, copy with --use_lora 0)")
     g.add_argument("--precompute_ref", type=int, choices=[0, 1], default=None,
                    help="1: reference log-probs computed once before training (default: 1 when --epochs > 1)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = arg_parser().parse_args(argv)
     reference_free = args.loss_type in REFERENCE_FREE_LOSS_TYPES
     if args.logp_reduce is None:
         args.logp_reduce = "sum" if summed_beta(args) else "mean"

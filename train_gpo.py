@@ -34,7 +34,8 @@ from training.args import check_args, common_problems
 from training.loop import Job, adamw_updater
 
 
-def parse_args(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """The script's flags (docs/flags.md is made from them)."""
     parser = argparse.ArgumentParser(description="GPO: group-advantage PPO with a reward and KL to a frozen reference.")
     add_rl_args(parser, save_weight="gpo", epochs=2, learning_rate=2e-3, real_micro_batch=64, num_generations=8,
                 reward_funcs="accuracy")
@@ -46,7 +47,11 @@ def parse_args(argv=None):
                    help="divide advantages by the group's reward std, the batch's, or nothing (default: %(default)s)")
     g.add_argument("--adv_level", choices=["sample", "group"], default="sample",
                    help="sample: one advantage per response; group: the seed's A_g per group (default: %(default)s)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return arg_parser().parse_args(argv)
 
 
 def build(args) -> Job:

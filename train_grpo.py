@@ -35,7 +35,8 @@ from training.args import check_args, common_problems
 from training.loop import Job, adamw_updater
 
 
-def parse_args(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """The script's flags (docs/flags.md is made from them)."""
     parser = argparse.ArgumentParser(description="The chapter's reward-free GRPO: group-relative self log-probability.")
     add_rl_args(parser, save_weight="grpo", epochs=1, learning_rate=1e-3, real_micro_batch=64, num_generations=8,
                 reward_funcs="")
@@ -48,7 +49,11 @@ def parse_args(argv=None):
                    help="none: A_i = r_i - group mean (the chapter); group: also divided by the group std (default: %(default)s)")
     g.add_argument("--self_reward_weight", type=float, default=1.0,
                    help="weight of the log-prob self-reward when an external reward is added (default: %(default)s)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return arg_parser().parse_args(argv)
 
 
 def method_line(self_reward_weight: float) -> str:

@@ -32,13 +32,18 @@ from training.args import check_args, common_problems
 from training.loop import Job, Updater
 
 
-def parse_args(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """The script's flags (docs/flags.md is made from them)."""
     parser = argparse.ArgumentParser(description="PPO: policy and critic as LoRA adapters on one base, GAE, "
                                                  "KL penalty to the frozen reference.")
     add_rl_args(parser, save_weight="ppo_actor", epochs=1, learning_rate=3e-3, real_micro_batch=8, num_generations=4,
                 reward_funcs="accuracy")
     add_ppo_args(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return arg_parser().parse_args(argv)
 
 
 def build(args) -> Job:

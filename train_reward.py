@@ -28,7 +28,8 @@ from training.loop import Job, data_order, supervised_job
 from training.run import Run
 
 
-def parse_args(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """The script's flags (docs/flags.md is made from them)."""
     parser = argparse.ArgumentParser(description="Bradley-Terry reward model on preference pairs (LoRA + scalar head).")
     add_common_args(parser, save_weight="reward", data_path="dataset/dpo.jsonl", epochs=2, learning_rate=1e-3,
                     real_learning_rate=1e-4, max_seq_len=1024)
@@ -37,7 +38,11 @@ def parse_args(argv=None):
                    help='1: subtract each pair\'s "margin" field from the reward gap (Llama 2\'s margin loss) (default: 0)')
     g.add_argument("--center_rewards", type=float, default=0.0,
                    help="coefficient of (r+ + r-)^2, which keeps rewards centred on 0 (e.g. 0.01; default: 0, off)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return arg_parser().parse_args(argv)
 
 
 def reward_problems(args) -> list[str]:

@@ -27,14 +27,19 @@ from training.run import Run
 DEMO_HIDDEN_SIZE, DEMO_LAYERS = 192, 4
 
 
-def parse_args(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """The script's flags (docs/flags.md is made from them)."""
     parser = argparse.ArgumentParser(description="Supervised fine-tuning (full or LoRA).")
     add_common_args(parser, save_weight="full_sft", data_path="dataset/sft.jsonl", epochs=8, batch_size=32,
                     learning_rate=2e-3, max_seq_len=128, from_weight="none", log_interval=50, save_interval=500,
                     use_lora=0)
     # From scratch, the demo's size; a given checkpoint keeps its own.
     parser.set_defaults(hidden_size=None, num_hidden_layers=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = arg_parser().parse_args(argv)
     if args.from_weight == "none":
         args.hidden_size = args.hidden_size or DEMO_HIDDEN_SIZE
         args.num_hidden_layers = args.num_hidden_layers or DEMO_LAYERS

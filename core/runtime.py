@@ -26,6 +26,13 @@ def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+def add_device_arg(group) -> None:
+    """--device, whose default is this machine's first GPU, else the CPU (said so in --help, whatever
+    machine writes it)."""
+    group.add_argument("--device", default=default_device(),
+                       help="cpu or cuda:N (default: cuda:0 when the machine has a GPU, else cpu)")
+
+
 def check_device(device: str) -> torch.device:
     """``device`` as a torch.device, or a UserError that says which devices this machine has."""
     try:

@@ -32,7 +32,8 @@ from core.errors import UserError, run_cli  # noqa: E402
 from core.files import atomic_dir, write_tensor_files  # noqa: E402
 
 
-def parse_args(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """The script's flags (docs/flags.md is made from them)."""
     p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base; write a Hugging Face model folder.")
     add_inference_model_args(p, "base model (name, path), or an adapter alone, merged into the base it records")
     p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite "
@@ -44,7 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--name", default="full_sft", help="--format minimind: the file's name before _{hidden_size} "
                                                       "(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return arg_parser().parse_args(argv)
 
 
 def export(model, tokenizer, out: str, meta: dict | None = None, extra_tensors: dict | None = None) -> None:

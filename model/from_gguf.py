@@ -25,14 +25,19 @@ GGUF_MAGIC = b"GGUF"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_args(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """The script's flags (docs/flags.md is made from them)."""
     p = argparse.ArgumentParser(description="Convert a GGUF file into a Hugging Face model folder.")
     p.add_argument("gguf", help="the .gguf file")
     p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="dtype of the written weights (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return arg_parser().parse_args(argv)
 
 
 def gguf_architecture(path: str) -> str:

@@ -13,7 +13,7 @@ import os
 
 from core.files import project_path
 from core.errors import UserError
-from core.runtime import default_device, print0
+from core.runtime import add_device_arg, print0
 from model.flags import NOT_GIVEN, add_model_args, add_save_dir_arg, dir_default
 from training.evaluation import add_eval_args, eval_arg_problems
 
@@ -103,7 +103,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, save_weight: str, data_p
                         "model's own dropout (default: %(default)s)")
 
     g = parser.add_argument_group("hardware")
-    g.add_argument("--device", default=default_device(), help="cpu or cuda:N (default: %(default)s)")
+    add_device_arg(g)
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="autocast precision on CUDA; CPU always runs fp32 (default: %(default)s)")
     g.add_argument("--num_workers", type=int, default=0, help="accepted for MiniMind's command lines; it changes nothing here: the data is tokenized "
