@@ -34,11 +34,11 @@ import torch
 
 from core.errors import run_cli
 from core.runtime import print0, to_device
-from dataset.batches import collate_pairs, pair_rows
+from dataset.batches import collate_pairs
 from dataset.encoding import encode_pairs
 from dataset.formats import load_pairs
 from losses.preference import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, rpo_nll, simpo_loss
-from model.logprobs import grouped_token_logprobs, masked_reduce
+from model.logprobs import pair_logprobs
 from training.args import add_common_args, check_args, common_problems
 from training.checkpoint import plan_start
 from training.loop import Job, data_order, supervised_job
@@ -132,19 +132,6 @@ def dpo_problems(args) -> list[str]:
     if args.ref_model == "shared" and not args.use_lora:
         problems.append("--ref_model shared needs LoRA adapters to switch off; with --use_lora 0 use --ref_model copy")
     return problems
-
-
-def pair_logprobs(model, batch: dict, reduce: str, chosen_token_mean: bool = False):
-    """(chosen, rejected) sequence log-probs, each (B,), of a dataset.batches.collate_pairs
-    batch: each pair runs as its prompt, then its two responses, the prompt once (grouped_token_logprobs).
-    With ``chosen_token_mean``, a third (B,): the chosen responses' mean log-prob per token."""
-    per_token, _ = grouped_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"], 2)
-    mask = batch["response_mask"][:, 1:]
-    logps = masked_reduce(per_token, mask, reduce)
-    if not chosen_token_mean:
-        return pair_rows(logps)
-    means = logps if reduce == "mean" else masked_reduce(per_token, mask, "mean")
-    return (*pair_rows(logps), pair_rows(means)[0])
 
 
 class OveroptimisationWatch:

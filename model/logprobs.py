@@ -9,6 +9,7 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from dataset.batches import pair_rows
 from model.packing import group_size, pack_groups
 
 # Logits (positions x vocabulary) the output head computes at once when it scores responses
@@ -236,6 +237,20 @@ def grouped_token_logprobs(model, sequences: torch.Tensor, attention_mask: torch
         logps, ent = shared_prompt_logprobs(*args)
     pad = (prompt_len - 1, T - end)                                             # back to (N, T-1)
     return torch.nn.functional.pad(logps, pad), None if ent is None else torch.nn.functional.pad(ent, pad)
+
+
+def pair_logprobs(model, batch: dict, reduce: str, chosen_token_mean: bool = False):
+    """(chosen, rejected) sequence log-probs (``reduce``: the sum or the mean per token of each
+    response), each (B,), of a dataset.batches.collate_pairs batch: each pair runs as its prompt,
+    then its two responses, the prompt once (grouped_token_logprobs). With ``chosen_token_mean``,
+    a third (B,): the chosen responses' mean log-prob per token."""
+    per_token, _ = grouped_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"], 2)
+    mask = batch["response_mask"][:, 1:]
+    logps = masked_reduce(per_token, mask, reduce)
+    if not chosen_token_mean:
+        return pair_rows(logps)
+    means = logps if reduce == "mean" else masked_reduce(per_token, mask, "mean")
+    return (*pair_rows(logps), pair_rows(means)[0])
 
 
 @torch.no_grad()

@@ -15,7 +15,8 @@ from dataset.batches import collate_pairs
 from dataset.encoding import encode_pairs
 from dataset.formats import load_pairs
 from model import LMConfig, apply_lora, init_model, save_lora
-from train_dpo import main, pair_logprobs, parse_args, precompute_reference
+from model.logprobs import pair_logprobs
+from train_dpo import main, parse_args, precompute_reference
 from conftest import ADAPTER_FILES, assert_trained_lora, first_lines, free_port, interrupt_after, run_args
 from core.errors import UserError
 from training.run import Run

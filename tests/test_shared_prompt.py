@@ -11,7 +11,8 @@ import torch
 from dataset.batches import collate_pairs, pad_with_mask
 from model.lora import apply_lora
 from model.logprobs import (grouped_token_logprobs, model_sequence_logprobs, model_token_logprobs,
-                            packed_prompt_logprobs, policy_forward, shared_prompt_logprobs, takes_tree_mask)
+                            packed_prompt_logprobs, pair_logprobs, policy_forward, shared_prompt_logprobs,
+                            takes_tree_mask)
 from losses.preference import dpo_loss
 from model.packing import first_fit, pack_groups
 from losses.policy import policy_loss
@@ -116,8 +117,7 @@ def test_dpo_pairs_equal_the_concatenated_forward(adapted, reduce, way, monkeypa
     items = [([1, 50, 60, 61, 62], [70, 2], [80, 81, 82, 2]), ([1, 50], [70, 71, 72, 73, 2], [80, 2]),
              ([1, 55, 56], [74], [75, 76])]
     grouped = collate_pairs(items, tok.pad_token_id)
-    import train_dpo
-    chosen, rejected = train_dpo.pair_logprobs(model, grouped, reduce)
+    chosen, rejected = pair_logprobs(model, grouped, reduce)
     # the plain rows: each whole sequence, chosen rows then rejected, right-padded, one forward
     seqs = [p + c for p, c, _ in items] + [p + r for p, _, r in items]
     ids, am = pad_with_mask(seqs, tok.pad_token_id)
