@@ -58,6 +58,9 @@ from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# Each section imports what it uses inside it: on the device machine (its own torch, the pins as
+# wheels) a section whose import fails (no FlexAttention, no trl) records the error in the JSON and
+# the other sections still run.
 
 SECTIONS = ("correctness", "packed", "throughput", "trl")
 SCRIPTS = ("train_sft", "train_reward", "train_dpo", "train_gpo", "train_grpo", "train_ppo")

@@ -14,6 +14,7 @@ time within 10%.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -22,9 +23,15 @@ import sys
 import tempfile
 import time
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import run  # noqa: E402  (bench/run.py)
+from make_model import save_random_model  # noqa: E402
+from model import logprobs  # noqa: E402
 
 HEADS = {"whole block": 0, "chunked": None}     # HEAD_CHUNK_LOGITS: 0, or the default
 
@@ -46,7 +53,6 @@ def parse_args(argv=None):
 
 def run_args(a, algo: str, model: str):
     """bench/run.py's arguments for our side of ``algo`` on ``model``."""
-    import run
     return run.parse_args(["--algo", algo, "--model", model, "--batch_size", str(a.batch_size), "--steps", str(a.steps),
                            "--warmup", str(a.warmup), "--prompt_len", str(a.prompt_len), "--max_len", "1024",
                            "--side", "ours"] + (["--device", a.device] if a.device else []))
@@ -54,9 +60,6 @@ def run_args(a, algo: str, model: str):
 
 def child(a) -> dict:
     """One (algorithm, head) alone: seconds per step (median) and the peak memory its steps add."""
-    import torch
-    import run
-    from model import logprobs
     algo, head, model = a.child
     if HEADS[head] is not None:
         logprobs.HEAD_CHUNK_LOGITS = HEADS[head]
@@ -67,7 +70,6 @@ def child(a) -> dict:
         step = run.build_sides(ra, tmp)["ours"][0]
         for _ in range(a.warmup):
             step()
-        import gc
         gc.collect()
         if cuda:
             torch.cuda.synchronize()
@@ -92,7 +94,6 @@ def main(argv=None):
     if a.child:
         print(json.dumps(child(a)))
         return 0
-    from make_model import save_random_model
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "model")

@@ -15,10 +15,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
+
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import train_sft  # noqa: E402  (the project's root is on the path from here)
+from model import LMConfig, build_model, load_tokenizer  # noqa: E402
 
 
 def save_random_model(out: str, hidden_size: int, num_hidden_layers: int, *, num_attention_heads: int = 8,
@@ -28,8 +35,6 @@ def save_random_model(out: str, hidden_size: int, num_hidden_layers: int, *, num
     (a Hugging Face folder). vocab_size: the tokenizer's own size when None; a larger one (a real
     model's vocabulary) leaves the rows past the tokenizer unused by the data but not by the
     output head. Returns the number of parameters."""
-    import torch
-    from model import LMConfig, build_model, load_tokenizer
     tok = load_tokenizer(None)
     torch.manual_seed(seed)
     model = build_model(LMConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
@@ -62,9 +67,6 @@ def main(argv=None):
                           vocab_size=a.vocab_size, seed=a.seed)
     print(f"{out}: {n / 1e6:.1f}M parameters (hidden {a.hidden_size}, {a.num_hidden_layers} layers)")
     if a.sft_steps > 0:
-        import shutil
-        import tempfile
-        import train_sft
         with tempfile.TemporaryDirectory() as tmp:
             args = train_sft.parse_args(["--from_weight", out, "--stop_after_steps", str(a.sft_steps),
                                          "--learning_rate", "1e-3",

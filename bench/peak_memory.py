@@ -20,6 +20,9 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from core.runtime import add_device_arg  # noqa: E402  (the project's root is on the path from here)
 
 
 def peak(script: str, args: list[str], steps: int, device: str) -> dict:
@@ -37,10 +40,8 @@ def peak(script: str, args: list[str], steps: int, device: str) -> dict:
 
 
 def main(argv=None):
-    sys.path.insert(0, ROOT)
-    from core.runtime import default_device
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=default_device())
+    add_device_arg(parser)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--json", default=None, help="also write the results here")

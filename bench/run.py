@@ -26,6 +26,8 @@ default (reference with the adapters off, every step). --json prints one line.
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -34,8 +36,24 @@ import sys
 import tempfile
 import time
 
+import torch
+from peft import LoraConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import train_dpo  # noqa: E402  (the project's root is on the path from here)
+import train_gpo  # noqa: E402
+import train_grpo  # noqa: E402
+from dataset.answers import is_correct  # noqa: E402
+from dataset.encoding import encode_pairs  # noqa: E402
+from dataset.formats import load_pairs, load_prompts  # noqa: E402
+from training.order import TrainState  # noqa: E402
+from training.run import Run  # noqa: E402
+
+# trl, datasets and accelerate (bench/requirements.txt) are imported where TRL's side is built: the
+# project's side, and bench/gpu_check.py that borrows these builders, run without them.
 
 DEMO_MODEL = os.path.join(ROOT, "model", "demo", "full_sft_192")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -82,7 +100,6 @@ def lengthened(rows: list[dict], n: int, prompt_len: int, tokenizer) -> list[dic
 
 def dpo_rows(n: int, prompt_len: int, tokenizer) -> list[dict]:
     """n preference pairs from the demo file, in the conversational format both sides read."""
-    from dataset.formats import load_pairs
     pairs = [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
               "rejected": [{"role": "assistant", "content": p["rejected"]}]}
              for p in load_pairs(os.path.join(ROOT, "dataset", "dpo.jsonl"))]
@@ -91,7 +108,6 @@ def dpo_rows(n: int, prompt_len: int, tokenizer) -> list[dict]:
 
 def group_rows(n: int, prompt_len: int, tokenizer) -> list[dict]:
     """n prompts (with their answers) from the demo RL file."""
-    from dataset.formats import load_prompts
     prompts = [{"prompt": p["prompt"], "answer": p.get("answer")}
                for p in load_prompts(os.path.join(ROOT, "dataset", "rl.jsonl"))]
     return lengthened(prompts, n, prompt_len, tokenizer)
@@ -106,7 +122,6 @@ def write_jsonl(rows: list[dict], path: str) -> str:
 
 # ---------------------------------------------------------------- ours
 def ours_dpo(a, data: str, tmp: str):
-    import train_dpo
     args = train_dpo.parse_args(["--from_weight", a.model, "--data_path", data, "--batch_size", str(a.batch_size),
                                  "--max_seq_len", str(a.max_len), "--device", a.device, "--learning_rate",
                                  str(a.learning_rate), "--epochs", "1", "--save_dir", tmp, "--checkpoint_dir", tmp,
@@ -119,7 +134,6 @@ def ours_dpo(a, data: str, tmp: str):
 def timed_steps(job):
     """(step, batches per epoch) of a training.loop.Job: step() runs one training step at the peak
     learning rate, returns its tokens."""
-    from training.order import TrainState
     state = TrainState()
 
     def step():
@@ -129,8 +143,6 @@ def timed_steps(job):
 
 
 def ours_group(a, data: str, tmp: str):
-    import train_gpo
-    import train_grpo
     module = train_gpo if a.algo == "gpo" else train_grpo
     extra = ["--reward_funcs", "accuracy"] if a.algo == "grpo" else []
     args = module.parse_args(["--from_weight", a.model, "--data_path", data, "--batch_size", str(a.batch_size),
@@ -152,9 +164,6 @@ def trl_common(a, tmp: str) -> dict:
 
 
 def trl_model(a):
-    import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(a.model)
     return model, tok, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
@@ -162,7 +171,6 @@ def trl_model(a):
 
 def trl_stepper(trainer):
     """One TRL step: training_step (forward, loss, backward) on its next batch, then the optimizer."""
-    import torch
     trainer.create_optimizer_and_scheduler(num_training_steps=10 ** 6)
     trainer.current_gradient_accumulation_steps = 1       # set by Trainer's own loop, which is left out
     batches = iter(trainer.get_train_dataloader())
@@ -199,7 +207,6 @@ def trl_dpo(a, rows: list[dict], tmp: str):
 def trl_grpo(a, prompts: list[dict], tmp: str):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
-    from dataset.answers import is_correct
     model, tok, lora = trl_model(a)
 
     def accuracy(prompts, completions, answer, **_):
@@ -226,7 +233,6 @@ class Meter:
         self.times, self.tokens, self.peaks = [], [], []
 
     def run(self, step, timed: bool):
-        import torch
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -269,7 +275,6 @@ def peak_rss_mb() -> float:
 
 def build_sides(a, tmp: str):
     """{"ours": (step, batches_per_epoch), "trl": step} for --algo (one side only with --side)."""
-    from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(a.model)
     n = a.batch_size * (a.steps + a.warmup)
     if a.algo == "dpo":
@@ -290,7 +295,6 @@ def memory_child(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         step = build_sides(a, tmp)[a.side]
         step = step[0] if a.side == "ours" else step
-        import gc
         gc.collect()
         before = rss_mb()
         reset_peak_rss()
@@ -311,8 +315,6 @@ def cpu_memory(a, side: str) -> dict:
 def matmul_params(model_dir: str) -> int:
     """Parameters a token's forward multiplies by: every weight but the input embedding (the
     output head counts even when its matrix is tied to the embedding), from the config alone."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
@@ -332,7 +334,6 @@ def mfu(a, s_per_step: float, tokens: float) -> float | None:
 def dense_bf16_peak(device: str) -> float | None:
     """The GPU's dense bf16 FLOP/s by its datasheet (H100/H200 SXM 989e12, A100 312e12); None
     for a CPU or a GPU not listed."""
-    import torch
     if not device.startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(torch.device(device))
@@ -342,7 +343,6 @@ def dense_bf16_peak(device: str) -> float | None:
 def measure_sides(a) -> tuple[dict, dict, int]:
     """(ours, TRL, batches per epoch): each side's Meter.summary() over --steps timed steps after
     --warmup, the two alternating step by step in this process (peak memory: CUDA only)."""
-    import torch
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         sides = build_sides(a, tmp)
@@ -386,16 +386,11 @@ def compare(a) -> dict:
 
 def precompute_seconds(a) -> float:
     """The one reference pass of --precompute_ref 1 over the benchmark's pairs, timed alone."""
-    import train_dpo
-    from dataset.encoding import encode_pairs
-    from dataset.formats import load_pairs
-    from transformers import AutoTokenizer
     with tempfile.TemporaryDirectory() as tmp:
         rows = dpo_rows(a.batch_size * (a.steps + a.warmup), a.prompt_len, AutoTokenizer.from_pretrained(a.model))
         data = write_jsonl(rows, os.path.join(tmp, "pairs.jsonl"))
         args = train_dpo.parse_args(["--from_weight", a.model, "--data_path", data, "--device", a.device,
                                      "--save_dir", tmp, "--checkpoint_dir", tmp, "--max_seq_len", str(a.max_len)])
-        from training.run import Run
         run = Run(args, "dpo", reference="shared")
         items, _ = encode_pairs(load_pairs(data), run.tokenizer, a.max_len, data)
         train_dpo.precompute_reference(run, items, 2 * a.batch_size, "sum")      # warm-up
@@ -406,7 +401,6 @@ def precompute_seconds(a) -> float:
 
 def ppo_memory(a) -> dict:
     """PPO's peak memory against DPO's on the same model and batch (ours only: the PPO target)."""
-    import importlib.util
     spec = importlib.util.spec_from_file_location("peak_memory", os.path.join(ROOT, "bench", "peak_memory.py"))
     pm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pm)
@@ -442,7 +436,6 @@ def scaling(a) -> list[dict]:
 
 def main(argv=None):
     a = parse_args(argv)
-    import torch
     a.device = a.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     a.model = os.path.abspath(a.model)
     if not os.path.isfile(os.path.join(a.model, "config.json")):

@@ -28,7 +28,18 @@ import json
 import os
 import time
 
+import torch
+
 from core.errors import UserError, run_cli
+from dataset.answers import AnswerCheck
+from dataset.encoding import encode_prompt
+from dataset.formats import load_prompts
+from model import LMConfig, init_model
+from model.from_gguf import convert
+from rl.rollout import HFRolloutEngine
+
+# reasoning_gym is imported where it is used: it comes with the recipe's own requirements, and the
+# tests that read this file without the recipe installed must still import it.
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -181,11 +192,6 @@ def sample_pairs(model, tokenizer, rows: list[dict], samples: int, max_gen_len: 
     ``check`` (an AnswerCheck; default recipes.smollm2.scoring:score); a row whose replies hold
     a score-1 one and a lower one gives {"prompt", "chosen", "rejected", "answer", "task"}: the
     first right reply and the lowest-scored one (the first of those)."""
-    import torch
-
-    from dataset.answers import AnswerCheck
-    from dataset.encoding import encode_prompt
-    from rl.rollout import HFRolloutEngine
     check = check or AnswerCheck("recipes.smollm2.scoring:score")
     engine = HFRolloutEngine(model, tokenizer, max_gen_len, temperature=temperature)
     torch.manual_seed(seed)
@@ -210,7 +216,6 @@ def sample_pairs(model, tokenizer, rows: list[dict], samples: int, max_gen_len: 
 
 def write_pairs(args, out: str, manifest: Manifest, jobs: list[tuple[str, str, int]]) -> None:
     """Sample and write each (name, prompts file, how many prompts) of ``jobs`` not kept."""
-    from dataset.formats import load_prompts
     settings = {k: getattr(args, k) for k in ("samples", "temperature", "max_gen_len", "seed")}
     todo = []
     for name, source, n in jobs:
@@ -221,7 +226,6 @@ def write_pairs(args, out: str, manifest: Manifest, jobs: list[tuple[str, str, i
             todo.append((name, source, n, s))
     if not todo:
         return
-    from model import LMConfig, init_model
     model, tokenizer = init_model(LMConfig(), os.path.join(out, "model"), device=args.device)
     model.eval()
     for name, source, n, s in todo:
@@ -265,7 +269,6 @@ def main(args):
     if not args.overwrite and os.path.isfile(os.path.join(model_dir, "config.json")):
         print(f"kept {model_dir} (exists; --overwrite writes it again)")
     else:
-        from model.from_gguf import convert
         print(convert(gguf, model_dir, overwrite=True))
         manifest.record("model", {"gguf": GGUF_NAME, "path": os.path.abspath(model_dir)})
 
