@@ -19,7 +19,7 @@ from transformers import TextStreamer
 from dataset.encoding import encode_prompt, stop_ids
 from model.loading import load_for_inference, model_name
 from model.flags import add_inference_model_args
-from core.errors import UserError, run_cli
+from core.errors import check_args, run_cli
 from core.runtime import add_device_arg
 
 
@@ -72,9 +72,15 @@ class Chat:
         return answer
 
 
-def main(args):
+def chat_problems(args) -> list[str]:
+    """What is wrong with chat's flags."""
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise UserError("--max_new_tokens must be at least 1, --temperature 0 or positive, --top_p in (0, 1]")
+        return ["--max_new_tokens must be at least 1, --temperature 0 or positive, --top_p in (0, 1]"]
+    return []
+
+
+def main(args):
+    check_args(args, chat_problems)
     torch.manual_seed(args.seed)
     model, tokenizer, _ = load_for_inference(args, device=args.device)
     chat = Chat(model, tokenizer, args)

@@ -36,9 +36,10 @@ from model.loading import load_for_inference, lora_base, model_name
 from model.reward_model import RewardModel
 from core.files import project_path
 from model.flags import add_inference_model_args
-from core.errors import UserError, run_cli
-from training.evaluation import (add_answer_check_arg, add_tie_margin_arg, answer_sums, generate_responses, pair_scores,
-                              pair_sums, rates, rejected_rewards, scored_answers, tie_margin_problems, win_sums)
+from core.errors import UserError, check_args, run_cli
+from training.evaluation import (add_answer_check_arg, add_tie_margin_arg, answer_check_problems, answer_sums,
+                                 generate_responses, pair_scores, pair_sums, rates, rejected_rewards, scored_answers,
+                                 tie_margin_problems, win_sums)
 from core.runtime import add_device_arg
 
 
@@ -164,9 +165,14 @@ def no_pairs(args) -> bool:
     return str(args.pairs).lower() == "none"
 
 
-def arg_problems(args) -> list[str]:
-    """What is wrong with the flags, found before any model is loaded."""
-    problems = []
+def eval_problems(args) -> list[str]:
+    """What is wrong with the flags, found before any model is loaded: the judges imported too."""
+    problems = answer_check_problems(args)
+    if args.style_check:
+        try:
+            import_function(args.style_check, "--style_check")
+        except UserError as e:
+            problems.append(str(e))
     if args.eval_samples < 0 or args.temperature <= 0:
         problems.append("--eval_samples must be 0 or more and --temperature above 0")
     problems += tie_margin_problems(args)
@@ -178,11 +184,9 @@ def arg_problems(args) -> list[str]:
 
 
 def main(args):
-    check = AnswerCheck(args.answer_check)     # a bad --answer_check stops before any model is loaded
+    check_args(args, eval_problems)            # every bad flag stops the run before any model is loaded
+    check = AnswerCheck(args.answer_check)
     style = import_function(args.style_check, "--style_check") if args.style_check else None
-    problems = arg_problems(args)
-    if problems:
-        raise UserError("; ".join(problems))
     model, tokenizer, _ = load_for_inference(args, device=args.device)
     pairs = None if no_pairs(args) else load_pairs(args.pairs)
     result = evaluate(model, tokenizer, args, check, pairs)

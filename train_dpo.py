@@ -32,14 +32,14 @@ import argparse
 
 import torch
 
-from core.errors import run_cli
+from core.errors import check_args, run_cli
 from core.runtime import print0, to_device
 from dataset.batches import collate_pairs
 from dataset.encoding import encode_pairs
 from dataset.formats import load_pairs
 from losses.preference import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, rpo_nll, simpo_loss
 from model.logprobs import pair_logprobs
-from training.args import add_common_args, check_args, common_problems
+from training.args import add_common_args, common_problems
 from training.checkpoint import plan_start
 from training.loop import Job, data_order, supervised_job
 from training.run import Run

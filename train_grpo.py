@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-from core.errors import run_cli
+from core.errors import check_args, run_cli
 from core.runtime import print0
 from dataset.formats import load_prompts
 from model.logprobs import masked_reduce
@@ -31,7 +31,7 @@ from rl.args import add_group_args, add_rl_args, group_problems, reward_problems
 from rl.group import GroupSettings, make_group_step
 from rl.rewards import rewards_from_args
 from rl.start import start_rl_run
-from training.args import check_args, common_problems
+from training.args import common_problems
 from training.loop import Job, adamw_updater
 
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 
-from core.errors import run_cli
+from core.errors import check_args, run_cli
 from dataset.formats import load_prompts
 from rl.args import add_ppo_args, add_rl_args, ppo_problems, required_reward_problems, reward_problems, rl_problems
 from rl.ppo import PPOSettings, actor_critic_builder, make_ppo_step, ppo_optimizers
 from rl.rewards import check_answers, rewards_from_args
 from rl.start import start_rl_run
-from training.args import check_args, common_problems
+from training.args import common_problems
 from training.loop import Job, Updater
 
 

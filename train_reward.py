@@ -16,14 +16,14 @@ import argparse
 
 import torch
 
-from core.errors import UserError, run_cli
+from core.errors import UserError, check_args, run_cli
 from core.runtime import to_device
 from dataset.batches import collate_pairs, pair_rows
 from dataset.encoding import encode_pairs
 from dataset.formats import load_pairs
 from losses.preference import reward_model_loss
 from model.value_head import last_token_values, reward_model_for_training
-from training.args import add_common_args, check_args, common_problems
+from training.args import add_common_args, common_problems
 from training.loop import Job, data_order, supervised_job
 from training.run import Run
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 
-from core.errors import run_cli
+from core.errors import check_args, run_cli
 from core.runtime import print0, to_device
 from dataset.batches import collate_sft
 from dataset.encoding import encode_conversations
 from dataset.formats import load_sft
 from losses.sft import sft_loss
-from training.args import add_common_args, check_args, common_problems
+from training.args import add_common_args, common_problems
 from training.loop import Job, data_order, supervised_job
 from training.run import Run
 

@@ -20,6 +20,14 @@ class RunHalted(UserError):
     exit_code = 3
 
 
+def check_args(args, *problem_checks) -> None:
+    """Every problem the ``*_problems(args) -> [messages]`` functions find, raised at once as one
+    line (a UserError), before any model or data is loaded."""
+    problems = [p for check in problem_checks for p in check(args)]
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def run_cli(main, parse_args, argv=None):
     """Run a script's ``main(parse_args(argv))``, turning a UserError into one line and its exit status."""
     try:

@@ -79,8 +79,9 @@ def anchor(heading: str) -> str:
 
 
 def main() -> None:
+    page = render()                                   # all of it first: a failure leaves the old page whole
     with open(OUT, "w", encoding="utf-8") as f:
-        f.write(render())
+        f.write(page)
     print(f"wrote {os.path.relpath(OUT, ROOT)}")
 
 

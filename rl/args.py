@@ -1,6 +1,6 @@
 """The flags of the RL scripts (PPO, GPO, GRPO) and their checks: sampling, rewards, the policy
 update of the group scripts, PPO's own. Each group of flags has its ``*_problems(args)``, which
-a script passes to training.args.check_args.
+a script passes to core.errors.check_args.
 """
 from __future__ import annotations
 

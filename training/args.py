@@ -3,7 +3,7 @@ every script checks its flags.
 
 Each script calls ``add_common_args(parser, **its_defaults)`` and then adds its algorithm's
 own flags. Flags the seed's command uses work exactly as written there. Each group of flags
-has a ``*_problems(args) -> [messages]``; a script passes its own to ``check_args``, which
+has a ``*_problems(args) -> [messages]``; a script passes its own to ``core.errors.check_args``, which
 raises them all at once, as one line, before anything is loaded.
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import os
 
 from core.files import project_path
-from core.errors import UserError
 from core.runtime import add_device_arg, print0
 from model.flags import NOT_GIVEN, add_model_args, add_save_dir_arg, dir_default
 from training.evaluation import add_eval_args, eval_arg_problems
@@ -146,11 +145,3 @@ def common_problems(args) -> list[str]:
     if args.grad_clip < 0:
         problems.append(f"--grad_clip must be 0 (off) or positive (got {args.grad_clip})")
     return problems + eval_arg_problems(args)
-
-
-def check_args(args, *problem_checks) -> None:
-    """Every problem the ``*_problems(args) -> [messages]`` functions find, raised at once as one
-    line (a UserError), before any model or data is loaded."""
-    problems = [p for check in problem_checks for p in check(args)]
-    if problems:
-        raise UserError("; ".join(problems))

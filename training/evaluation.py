@@ -210,13 +210,18 @@ def eval_kind(path: str) -> str:
     return "pairs" if {"chosen", "rejected"} <= set(rows[0][1]) else "prompts"
 
 
-def eval_arg_problems(args) -> list[str]:
-    """What is wrong with the evaluation flags (the file is read, not the model)."""
-    problems = []
+def answer_check_problems(args) -> list[str]:
+    """What is wrong with --answer_check: a judge that cannot be imported."""
     try:
         AnswerCheck(getattr(args, "answer_check", None))    # imports it
     except UserError as e:
-        problems.append(str(e))
+        return [str(e)]
+    return []
+
+
+def eval_arg_problems(args) -> list[str]:
+    """What is wrong with the evaluation flags (the file is read, not the model)."""
+    problems = answer_check_problems(args)
     if not getattr(args, "eval_data", None):
         return problems + [f"{flag} needs --eval_data" for flag, on in
                            (("--save_best 1", getattr(args, "save_best", 0)),

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from core.errors import UserError, run_cli
+from core.errors import UserError, check_args, run_cli
 from dataset.answers import AnswerCheck
 from dataset.encoding import encode_prompt
 from dataset.formats import load_prompts
@@ -241,23 +241,26 @@ def write_pairs(args, out: str, manifest: Manifest, jobs: list[tuple[str, str, i
 
 
 # ----------------------------------------------------------------------------- main
-def check_args(args) -> None:
+def prepare_problems(args) -> list[str]:
+    """What is wrong with the flags."""
+    problems = []
     if args.train_size < 1 or args.heldout_size < 1:
-        raise UserError("--train_size and --heldout_size must be at least 1")
+        problems.append("--train_size and --heldout_size must be at least 1")
     if args.pairs < 0 or (args.heldout_pairs is not None and args.heldout_pairs < 0):
-        raise UserError("--pairs and --heldout_pairs must be 0 or more")
+        problems.append("--pairs and --heldout_pairs must be 0 or more")
     if args.samples < 2 or args.temperature <= 0 or args.max_gen_len < 1 or args.batch_size < 1:
-        raise UserError("--samples must be at least 2, --temperature above 0, --max_gen_len and --batch_size at least 1")
+        problems.append("--samples must be at least 2, --temperature above 0, --max_gen_len and --batch_size at least 1")
     train = range(args.train_seed, args.train_seed + 2 * args.train_size)       # the pool prompt_sets draws from
     held = range(args.heldout_seed, args.heldout_seed + args.heldout_size)
     if train.start < held.stop and held.start < train.stop:
-        raise UserError(f"--heldout_seed {args.heldout_seed} overlaps the train seeds {train.start}..{train.stop - 1} "
+        problems.append(f"--heldout_seed {args.heldout_seed} overlaps the train seeds {train.start}..{train.stop - 1} "
                         f"(reasoning-gym draws entry i from seed + i, so the sets would share entries); give seeds "
                         f"further apart, e.g. --heldout_seed {train.stop}")
+    return problems
 
 
 def main(args):
-    check_args(args)
+    check_args(args, prepare_problems)
     gguf = gguf_path()
     rg = reasoning_gym()
     config = task_config(args)
