@@ -1,1 +1,2 @@
-"""Data side: file formats and their checks, tokenization, the shipped demo world."""
+"""Data side: file formats and their checks, tokenization through the chat template, padded batches,
+answer checks, the shipped demo world."""

@@ -1,4 +1,6 @@
-"""Model side: config -> transformers model, init_model, LoRA, tokenizer, shipped demo weights."""
+"""Model side: config -> transformers model, init_model (every kind of weights, strictly, with their
+tokenizer), LoRA, log-probs and packed forwards, the value head and the reward-model scorer,
+MiniMind's files, export, the flags that name a model, the shipped demo weights."""
 import os
 
 # Weights come from local files only: a name is never looked up on a hub.
