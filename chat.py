@@ -16,11 +16,11 @@ import sys
 import torch
 from transformers import TextStreamer
 
-from dataset.encoding import encode_prompt, stop_ids
-from model.loading import load_for_inference, model_name
-from model.flags import add_inference_model_args
 from core.errors import check_args, run_cli
 from core.runtime import add_device_arg
+from dataset.encoding import encode_prompt, stop_ids
+from model.flags import add_inference_model_args
+from model.loading import load_for_inference, model_name
 
 
 def arg_parser() -> argparse.ArgumentParser:

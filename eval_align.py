@@ -29,18 +29,18 @@ from collections import defaultdict
 
 import torch
 
+from core.errors import UserError, check_args, run_cli
+from core.files import project_path
+from core.runtime import add_device_arg
 from dataset.answers import AnswerCheck, import_function
 from dataset.encoding import encode_pairs
 from dataset.formats import load_pairs, load_prompts
+from model.flags import add_inference_model_args
 from model.loading import load_for_inference, lora_base, model_name
 from model.reward_model import RewardModel
-from core.files import project_path
-from model.flags import add_inference_model_args
-from core.errors import UserError, check_args, run_cli
 from training.evaluation import (add_answer_check_arg, add_tie_margin_arg, answer_check_problems, answer_sums,
                                  generate_responses, pair_scores, pair_sums, rates, rejected_rewards, scored_answers,
                                  tie_margin_problems, win_sums)
-from core.runtime import add_device_arg
 
 
 def arg_parser() -> argparse.ArgumentParser:

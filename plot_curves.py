@@ -17,7 +17,7 @@ import os
 
 import matplotlib
 
-from core.errors import UserError, run_cli
+from core.errors import UserError, check_args, run_cli
 
 matplotlib.use("Agg")                # files only, no display: it must come before pyplot's import
 import matplotlib.pyplot as plt  # noqa: E402
@@ -114,11 +114,15 @@ def parse_args(argv=None):
     return arg_parser().parse_args(argv)
 
 
+def plot_problems(args) -> list[str]:
+    """What is wrong with the flags."""
+    return [f"--out {args.out}: give a .png file name"] if args.out and not args.out.lower().endswith(".png") else []
+
+
 def main(args):
+    check_args(args, plot_problems)
     out = args.out or os.path.join(os.path.dirname(args.metrics_files[0]),
                                    run_label(args.metrics_files[0]) + "_curves.png")
-    if not out.lower().endswith(".png"):
-        raise UserError(f"--out {out}: give a .png file name")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     drawn = plot(args.metrics_files, out, metrics)
     print(f"wrote {out} ({', '.join(drawn)})")

@@ -191,11 +191,8 @@ def precompute_reference(run: Run, items: list, batch_size: int, reduce: str,
             with run.autocast():
                 chosen, rejected = pair_logprobs(ref, batch, reduce)
             table[idx] = torch.stack([chosen, rejected], -1).double().cpu()
-    if run.dist.enabled:  # rows a rank did not score are 0 there, so a sum puts the table together
-        table = table.to(run.device)
-        torch.distributed.all_reduce(table)
-        table = table.cpu()
-    return table.float()
+    # rows a rank did not score are 0 there, so the sum over ranks puts the table together
+    return run.dist.all_sum(table.to(run.device)).cpu().float()
 
 
 def build(args) -> Job:

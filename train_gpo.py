@@ -26,7 +26,7 @@ import argparse
 from core.errors import check_args, run_cli
 from dataset.formats import load_prompts
 from rl.args import (add_group_args, add_rl_args, group_problems, required_reward_problems, reward_problems,
-                     rl_problems)
+                     rollout_problems, update_problems)
 from rl.group import GroupSettings, make_group_step
 from rl.rewards import check_answers, rewards_from_args
 from rl.start import start_rl_run
@@ -57,7 +57,8 @@ def parse_args(argv=None):
 def build(args) -> Job:
     """Everything up to the first step: checks, prompts, rewards, model, sampler (see training.loop.Job)."""
     # bad flags and bad data stop the run before any model is built
-    check_args(args, common_problems, rl_problems, group_problems, reward_problems, required_reward_problems)
+    check_args(args, common_problems, rollout_problems, group_problems, update_problems, reward_problems,
+               required_reward_problems)
     prompts = load_prompts(args.data_path)
     rewards = rewards_from_args(args, device=args.device)
     check_answers(args.reward_funcs, prompts, args.data_path)

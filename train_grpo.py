@@ -27,7 +27,8 @@ from core.errors import check_args, run_cli
 from core.runtime import print0
 from dataset.formats import load_prompts
 from model.logprobs import masked_reduce
-from rl.args import add_group_args, add_rl_args, group_problems, reward_problems, rl_problems
+from rl.args import (add_group_args, add_rl_args, external_reward_problems, group_problems, rollout_problems,
+                     update_problems)
 from rl.group import GroupSettings, make_group_step
 from rl.rewards import rewards_from_args
 from rl.start import start_rl_run
@@ -76,7 +77,8 @@ def grpo_problems(args) -> list[str]:
 def build(args) -> Job:
     """Everything up to the first step: checks, prompts, rewards, model, sampler (see training.loop.Job)."""
     # bad flags and bad data stop the run before any model is built
-    check_args(args, common_problems, rl_problems, group_problems, reward_problems, grpo_problems)
+    check_args(args, common_problems, rollout_problems, group_problems, update_problems, external_reward_problems,
+               grpo_problems)
     prompts = load_prompts(args.data_path)
     external = rewards_from_args(args, device=args.device) if (args.reward_funcs or args.reward_model) else None
     if external is not None:

@@ -24,7 +24,8 @@ import argparse
 
 from core.errors import check_args, run_cli
 from dataset.formats import load_prompts
-from rl.args import add_ppo_args, add_rl_args, ppo_problems, required_reward_problems, reward_problems, rl_problems
+from rl.args import (add_ppo_args, add_rl_args, ppo_problems, required_reward_problems, reward_problems,
+                     rollout_problems, update_problems)
 from rl.ppo import PPOSettings, actor_critic_builder, make_ppo_step, ppo_optimizers
 from rl.rewards import check_answers, rewards_from_args
 from rl.start import start_rl_run
@@ -50,14 +51,15 @@ def build(args) -> Job:
     """Everything up to the first step: checks, prompts, rewards, model with its critic, sampler
     (see training.loop.Job)."""
     # bad flags and bad data stop the run before any model is built
-    check_args(args, common_problems, rl_problems, ppo_problems, reward_problems, required_reward_problems)
+    check_args(args, common_problems, rollout_problems, ppo_problems, update_problems, reward_problems,
+               required_reward_problems)
     prompts = load_prompts(args.data_path)
     check_answers(args.reward_funcs, prompts, args.data_path)
     shared_reward = {}
     run, source, start = start_rl_run(args, "ppo", prompts, wrap=actor_critic_builder(args, shared_reward))
     rewards = rewards_from_args(args, device=run.device, reward_model=shared_reward.get("model"))
     optimizers = ppo_optimizers(run.base_model, args.learning_rate, args.critic_learning_rate)
-    updater = Updater(run, optimizers, args.grad_clip, args.accumulation_steps)
+    updater = Updater(run, optimizers, args.learning_rate, args.grad_clip, args.accumulation_steps)
     step = make_ppo_step(run, source, updater, rewards.score_rollout, PPOSettings.from_args(args))
     return Job(run, source.order, updater, step, "ppo", {"reward_funcs": args.reward_funcs}, start)
 

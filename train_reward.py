@@ -13,6 +13,7 @@ Saves the adapter and value_head.safetensors to {save_dir}/{save_weight}_{hidden
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -22,8 +23,10 @@ from dataset.batches import collate_pairs, pair_rows
 from dataset.encoding import encode_pairs
 from dataset.formats import load_pairs
 from losses.preference import reward_model_loss
-from model.value_head import last_token_values, reward_model_for_training
+from model.logprobs import last_token_values
+from model.value_head import reward_model_for_training
 from training.args import add_common_args, common_problems
+from training.evaluation import eval_kind
 from training.loop import Job, data_order, supervised_job
 from training.run import Run
 
@@ -45,14 +48,24 @@ def parse_args(argv=None):
     return arg_parser().parse_args(argv)
 
 
-def reward_problems(args) -> list[str]:
-    """What is wrong with the reward model's own flags."""
-    return [f"--center_rewards must be 0 (off) or positive (got {args.center_rewards})"] if args.center_rewards < 0 else []
+def reward_model_problems(args) -> list[str]:
+    """What is wrong with the reward model's own flags, and with evaluation flags it cannot take."""
+    problems = [] if args.center_rewards >= 0 else [f"--center_rewards must be 0 (off) or positive (got {args.center_rewards})"]
+    if args.eval_reward_model:
+        problems.append("--eval_reward_model compares a language model's answers; a reward model has none")
+    if args.eval_data and os.path.isfile(args.eval_data):
+        try:
+            prompts = eval_kind(args.eval_data) == "prompts"
+        except UserError:                           # a bad file: common_problems says why
+            prompts = False
+        if prompts:
+            problems.append(f"--eval_data {args.eval_data}: a reward model scores preference pairs, not prompts")
+    return problems
 
 
 def build(args) -> Job:
     """Everything up to the first step: checks, data, model (see training.loop.Job)."""
-    check_args(args, common_problems, reward_problems)   # bad flags and bad data stop the run before any model is built
+    check_args(args, common_problems, reward_model_problems)   # bad flags and bad data stop the run before any model is built
     pairs = load_pairs(args.data_path)
     if args.margin:
         missing = [i for i, p in enumerate(pairs) if "margin" not in p]

@@ -60,7 +60,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # Each section imports what it uses inside it: on the device machine (its own torch, the pins as
 # wheels) a section whose import fails (no FlexAttention, no trl) records the error in the JSON and
-# the other sections still run.
+# the other sections still run. The checks before any section need the project's ground floor only.
+from core.errors import UserError, run_cli  # noqa: E402
+from core.runtime import check_device  # noqa: E402
 
 SECTIONS = ("correctness", "packed", "throughput", "trl")
 SCRIPTS = ("train_sft", "train_reward", "train_dpo", "train_gpo", "train_grpo", "train_ppo")
@@ -126,8 +128,6 @@ def parse_args(argv=None):
 def validate(a) -> None:
     """Bad input stops here, as one UserError, before any work: unknown sections, a device this
     machine lacks, an --out that cannot be written."""
-    from core.errors import UserError
-    from core.runtime import check_device
     unknown = [s for s in a.sections if s not in SECTIONS]
     if unknown or not a.sections:
         raise UserError(f"--only {','.join(unknown) or repr('')}: unknown section; choose from {', '.join(SECTIONS)}")
@@ -798,5 +798,4 @@ def main(a) -> dict:
 
 
 if __name__ == "__main__":
-    from core.errors import run_cli
     run_cli(main, parse_args)

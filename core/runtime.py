@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import resource
 import sys
 from dataclasses import dataclass
 
@@ -164,6 +163,7 @@ def peak_memory_gb(device: torch.device) -> float:
     resident set size (everything: libraries, weights, activations) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource   # here: it exists on Linux and macOS only, and only this CPU figure needs it
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2 ** 30 if sys.platform == "darwin" else rss / 2 ** 20    # bytes on macOS, KiB on Linux
 

@@ -35,8 +35,8 @@ import json
 import os
 import random
 
-from dataset.answers import extract_answer
 from core.files import atomic_file
+from dataset.answers import extract_answer
 
 SEED = 1234
 HELDOUT_FRACTION = 0.12

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from losses.policy import k3_kl
-from model.value_head import last_token_index
+from model.logprobs import last_token_index
 
 KL_ESTIMATORS = ("k1", "k3")
 

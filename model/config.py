@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, fields
 
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-
 # LMConfig field -> the flag that sets it (model.flags.add_model_args)
 MOE_FLAGS = {"num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
              "norm_topk_prob": "norm_topk_prob", "router_aux_loss_coef": "aux_loss_coef"}

@@ -24,12 +24,12 @@ if __package__ in (None, ""):   # run by its path (python ../minialign/model/exp
 
 import torch  # noqa: E402
 
+from core.errors import UserError, check_args, run_cli  # noqa: E402
+from core.files import atomic_dir, write_tensor_files  # noqa: E402
 from model.config import weight_name  # noqa: E402
+from model.flags import add_inference_model_args  # noqa: E402
 from model.loading import load_for_inference  # noqa: E402
 from model.minimind import minimind_state_dict  # noqa: E402
-from model.flags import add_inference_model_args  # noqa: E402
-from core.errors import UserError, run_cli  # noqa: E402
-from core.files import atomic_dir, write_tensor_files  # noqa: E402
 
 
 def arg_parser() -> argparse.ArgumentParser:
@@ -76,14 +76,20 @@ def export_minimind(model, lm_config, out_dir: str, name: str, overwrite: bool =
     return path
 
 
+def export_problems(args) -> list[str]:
+    """What is wrong with the flags: a Hugging Face --out that exists, without --overwrite."""
+    if args.format == "hf" and os.path.exists(args.out) and not args.overwrite:
+        return [f"--out {args.out} already exists; choose another folder or pass --overwrite"]
+    return []
+
+
 def main(args):
+    check_args(args, export_problems)
     if args.format == "minimind":
         model, _, lm_config = load_for_inference(args)
         path = export_minimind(model, lm_config, args.out, args.name, args.overwrite)
         print(f"wrote {path} (MiniMind's layout, fp16; put the tokenizer that goes with it in MiniMind's model/)")
         return path
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UserError(f"--out {args.out} already exists; choose another folder or pass --overwrite")
     model, tokenizer, lm_config = load_for_inference(args)
     export(model, tokenizer, args.out)
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

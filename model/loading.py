@@ -31,13 +31,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dataset.encoding import stop_ids
-from model.config import LMConfig, build_model, weight_name
-from model.minimind import fuse_experts, is_minimind_lora, merge_minimind_lora
-from model.strict import key_mismatch
-from model.lora import is_adapter_dir, load_lora, merge_lora, read_adapter_meta
 from core.errors import UserError
 from core.runtime import check_device
+from dataset.encoding import stop_ids
+from model.config import LMConfig, build_model, weight_name
+from model.lora import is_adapter_dir, load_lora, merge_lora, read_adapter_meta
+from model.minimind import fuse_experts, is_minimind_lora, merge_minimind_lora
+from model.strict import key_mismatch
 
 MODEL_DIR = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_DIR = os.path.join(MODEL_DIR, "demo")      # the demo SFT weights and lora_identity

@@ -50,6 +50,17 @@ def masked_reduce(values: torch.Tensor, mask: torch.Tensor, reduce: str) -> torc
     raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
 
 
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last real token of each row, whatever the padding side."""
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.flip(-1).long().argmax(-1)
+
+
+def last_token_values(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) each row's value (B, T) at its last real token: a reward model's score of it."""
+    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
 def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
                       reduce: str = "mean", temperature: float = 1.0) -> torch.Tensor:
     """l(y) = sum (or mean) over response tokens of log pi(y_t | x, y_<t).

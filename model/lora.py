@@ -23,9 +23,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
-from model.strict import key_mismatch
 from core.errors import UserError
 from core.files import atomic_dir, write_tensor_files
+from model.strict import key_mismatch
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -15,8 +15,9 @@ from dataset.batches import pad_with_mask
 from dataset.encoding import encode_exchange
 from model.config import LMConfig
 from model.loading import adapter_base, init_model, same_weights
+from model.logprobs import last_token_values
 from model.lora import adapter_parameters, is_adapter_dir, load_lora
-from model.value_head import HEAD_FILE, ValueHeadModel, is_value_head_dir, last_token_values
+from model.value_head import HEAD_FILE, ValueHeadModel, is_value_head_dir
 
 
 def read_config(path: str) -> dict:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from core.errors import UserError
 from model.logprobs import policy_forward, position_ids_from_mask
@@ -72,9 +72,6 @@ class ValueHeadModel(torch.nn.Module):
     def head_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.head.state_dict().items()}
 
-    def save_head(self, folder: str) -> None:
-        save_file(self.head_state(), os.path.join(folder, HEAD_FILE))
-
     def load_head(self, folder: str) -> None:
         path = os.path.join(folder, HEAD_FILE)
         try:
@@ -114,17 +111,6 @@ class ActorCritic(ValueHeadModel):
         critic = name.replace("actor", "critic") if "actor" in name else name + "_critic"
         return [WeightsToSave(name),
                 WeightsToSave(critic, self.adapter, {"kind": "critic"}, {HEAD_FILE: self.head_state()})]
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last real token of each row, whatever the padding side."""
-    T = attention_mask.shape[1]
-    return T - 1 - attention_mask.flip(-1).long().argmax(-1)
-
-
-def last_token_values(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) each row's value (B, T) at its last real token: a reward model's score of it."""
-    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
 
 def is_value_head_dir(path: str) -> bool:

@@ -13,7 +13,7 @@ from losses.ppo import KL_ESTIMATORS
 from model.reward_model import check_reward_folder
 from rl.rewards import RewardFunctions, parse_reward_args
 from training.args import add_common_args
-from training.checkpoint import OLD_LOSS_AGG   # --loss_agg, the old spelling of --loss_type
+from training.checkpoint import OLD_LOSS_AGG  # --loss_agg, the old spelling of --loss_type
 
 SGLANG_FLAGS = ("sglang_base_url", "sglang_model_path", "sglang_shared_path")   # MiniMind's, refused
 
@@ -102,16 +102,6 @@ def rollout_problems(args) -> list[str]:
     return problems
 
 
-def rl_problems(args) -> list[str]:
-    """What is wrong with the flags every RL script shares: sampling, mini-batches, lengths."""
-    problems = rollout_problems(args) + update_problems(args)
-    if args.max_seq_len - args.max_gen_len < 1:
-        problems.append(f"--max_seq_len {args.max_seq_len} leaves no room for a prompt beside --max_gen_len "
-                        f"{args.max_gen_len}: here it counts prompt + response (MiniMind's counts the prompt alone); "
-                        f"give --max_seq_len {args.max_seq_len + args.max_gen_len} for MiniMind's meaning")
-    return problems
-
-
 def reward_problems(args) -> list[str]:
     """What is wrong with the reward flags given: weights that are not numbers or do not match the
     functions, a function that cannot be imported, a --reward_model that is no usable folder."""
@@ -128,6 +118,12 @@ def reward_problems(args) -> list[str]:
         except UserError as e:
             problems.append(str(e))
     return problems
+
+
+def external_reward_problems(args) -> list[str]:
+    """reward_problems when an external reward is given (--reward_funcs, --reward_model); GRPO
+    has its own, and ignores the other reward flags without one."""
+    return reward_problems(args) if args.reward_funcs or args.reward_model else []
 
 
 def required_reward_problems(args) -> list[str]:
@@ -228,7 +224,8 @@ def group_problems(args) -> list[str]:
 
 
 def update_problems(args) -> list[str]:
-    """What is wrong with --mini_batch_size, --accumulation_steps and --debug_interval."""
+    """What is wrong with how a step's samples are cut and printed (--mini_batch_size,
+    --accumulation_steps, --debug_interval), and with the room --max_seq_len leaves for a prompt."""
     problems = []
     n = args.batch_size * args.num_generations
     if args.mini_batch_size < 0 or args.mini_batch_size > n or (args.mini_batch_size and n % args.mini_batch_size):
@@ -239,6 +236,10 @@ def update_problems(args) -> list[str]:
         problems.append(f"--accumulation_steps {args.accumulation_steps} must divide the {mb} samples of a mini-batch")
     if args.debug_interval < 1:
         problems.append("--debug_interval must be at least 1")
+    if args.max_seq_len - args.max_gen_len < 1:
+        problems.append(f"--max_seq_len {args.max_seq_len} leaves no room for a prompt beside --max_gen_len "
+                        f"{args.max_gen_len}: here it counts prompt + response (MiniMind's counts the prompt alone); "
+                        f"give --max_seq_len {args.max_seq_len + args.max_gen_len} for MiniMind's meaning")
     return problems
 
 

@@ -10,7 +10,7 @@ from losses.policy import (group_advantages, group_loss_mask, overlong_penalty, 
                            zero_std_groups)
 from model.logprobs import grouped_token_logprobs, masked_reduce
 from rl.args import epsilon_high_of
-from rl.step import (Prompts, Score, UpdateSettings, completion_metrics, minibatches, pass_orders, print_samples,
+from rl.step import (PromptSource, Score, UpdateSettings, completion_metrics, minibatches, pass_orders, print_samples,
                      reference_logprobs)
 from training.loop import Updater
 from training.run import Run
@@ -42,7 +42,7 @@ class GroupSettings(UpdateSettings):
                    overlong_penalty=args.overlong_penalty, **advantages)
 
 
-def make_group_step(run: Run, prompts: Prompts, updater: Updater, score: Score, s: GroupSettings):
+def make_group_step(run: Run, source: PromptSource, updater: Updater, score: Score, s: GroupSettings):
     """one_step(state) for training.loop.run_steps: sample G responses for this step's prompts,
     score them, add the overlong penalty, turn rewards into group advantages (over every rank's
     samples), then ``s.passes`` passes of ``s.loss_type`` updates over mini-batches, each one
@@ -52,7 +52,7 @@ def make_group_step(run: Run, prompts: Prompts, updater: Updater, score: Score, 
     G = s.num_generations
 
     def one_step(state):
-        rows, rollout, rewards, parts = prompts.sample(state, score, G)
+        rows, rollout, rewards, parts = source.sample(state, score, G)
         N = rewards.numel()
         if s.overlong_penalty:
             penalty = overlong_penalty(rollout.response_lengths.cpu(), s.max_gen_len, s.overlong_penalty)

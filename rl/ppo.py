@@ -18,8 +18,8 @@ from model.logprobs import policy_forward
 from model.lora import adapter_parameters, apply_lora, load_lora
 from model.reward_model import RewardModel, shares_base
 from model.value_head import ActorCritic
-from rl.step import Prompts, Score, UpdateSettings, completion_metrics, minibatches, pass_orders, print_samples
-from training.loop import Updater
+from rl.step import PromptSource, Score, UpdateSettings, completion_metrics, minibatches, pass_orders, print_samples
+from training.loop import Updater, adamw
 from training.run import Run
 
 
@@ -81,11 +81,10 @@ def ppo_optimizers(model: ActorCritic, learning_rate: float, critic_learning_rat
     """{"policy": AdamW over the policy adapter, "critic": AdamW over the critic adapter and head},
     each with its own peak learning rate (the critic's: ``learning_rate`` unless given), which
     training.loop.Updater schedules."""
-    def adamw(params, lr):
-        return torch.optim.AdamW([{"params": params, "peak_lr": lr}], lr=lr, weight_decay=0.0)
-    return {"policy": adamw(adapter_parameters(model.lm, "default"), learning_rate),
-            "critic": adamw(adapter_parameters(model.lm, model.adapter) + list(model.head.parameters()),
-                            critic_learning_rate or learning_rate)}
+    critic_lr = critic_learning_rate or learning_rate
+    critic = adapter_parameters(model.lm, model.adapter) + list(model.head.parameters())
+    return {"policy": adamw([{"params": adapter_parameters(model.lm, "default"), "peak_lr": learning_rate}], learning_rate),
+            "critic": adamw([{"params": critic, "peak_lr": critic_lr}], critic_lr)}
 
 
 def print_log_ratio(step: int, log_ratio: torch.Tensor, mask: torch.Tensor) -> None:
@@ -96,7 +95,7 @@ def print_log_ratio(step: int, log_ratio: torch.Tensor, mask: torch.Tensor) -> N
                f"ratio in [{lr.exp().min():.6f}, {lr.exp().max():.6f}]")
 
 
-def make_ppo_step(run: Run, prompts: Prompts, updater: Updater, score: Score, s: PPOSettings):
+def make_ppo_step(run: Run, source: PromptSource, updater: Updater, score: Score, s: PPOSettings):
     """one_step(state) for training.loop.run_steps: sample, score, per-token rewards with the KL
     penalty, GAE from the critic's values, whitened advantages, then ``s.passes`` passes over
     mini-batches, each one update of both the policy and the critic, until approx_kl passes
@@ -104,7 +103,7 @@ def make_ppo_step(run: Run, prompts: Prompts, updater: Updater, score: Score, s:
     G = s.num_generations
 
     def one_step(state):
-        rows, rollout, scores, parts = prompts.sample(state, score, G)
+        rows, rollout, scores, parts = source.sample(state, score, G)
         if s.missing_eos_penalty:
             scores = scores - s.missing_eos_penalty * (~rollout.ended).float()
         N, dev = scores.numel(), run.device

@@ -19,8 +19,8 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from dataset.batches import pad_with_mask
 from dataset.encoding import stop_ids
-from model.lora import adapters_merged
 from model.logprobs import chunked_grouped_logprobs, position_ids_from_mask, prompt_prefill
+from model.lora import adapters_merged
 
 
 @dataclass

@@ -6,13 +6,14 @@ from __future__ import annotations
 from core.runtime import print0
 from dataset.encoding import encode_prompts
 from rl.rollout import HFRolloutEngine
-from rl.step import Prompts
+from rl.step import PromptSource
 from training.checkpoint import Start, plan_start
 from training.order import DataOrder
 from training.run import Run
 
 
-def start_rl_run(args, algorithm: str, prompts: list[dict], wrap=None, group: int = 1) -> tuple[Run, Prompts, Start]:
+def start_rl_run(args, algorithm: str, prompts: list[dict], wrap=None,
+                 group: int = 1) -> tuple[Run, PromptSource, Start]:
     """(run, prompts, start) of an RL run: the policy with LoRA and its reference (``wrap``: see
     training.run.Run), --accumulation_steps chosen if not given (forwards of whole groups of
     ``group`` rows where possible), the prompt rows tokenized once with their seeded order and
@@ -26,7 +27,7 @@ def start_rl_run(args, algorithm: str, prompts: list[dict], wrap=None, group: in
     engine = HFRolloutEngine(run.lm, run.tokenizer, args.max_gen_len,
                              args.temperature, args.top_p, args.top_k, autocast=run.autocast,
                              merge=bool(args.merge_for_sampling))
-    return run, Prompts(prompts, prompt_ids, order, engine), start
+    return run, PromptSource(prompts, prompt_ids, order, engine), start
 
 
 def choose_micro_batches(args, demo_weights: str | None, group: int = 1) -> None:

@@ -23,7 +23,7 @@ Score = Callable[[list[dict], Rollout], tuple[torch.Tensor, dict]]
 
 
 @dataclass
-class Prompts:
+class PromptSource:
     """An RL run's prompts: the prompt file's rows, their token ids (tokenized once), their
     seeded order over the run, and the engine that samples from the policy."""
     rows: list[dict]

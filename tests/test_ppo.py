@@ -162,7 +162,8 @@ def test_one_copy_of_the_base_weights_and_a_frozen_reference(tmp_path, prompts, 
     assert torch.allclose(ref_before, plain_logps, atol=1e-5)                    # reference = the SFT weights
 
     rewards = rewards_from_args(args, reward_model=rm)
-    updater = Updater(run, ppo_optimizers(run.base_model, args.learning_rate), args.grad_clip, args.accumulation_steps)
+    updater = Updater(run, ppo_optimizers(run.base_model, args.learning_rate), args.learning_rate, args.grad_clip,
+                      args.accumulation_steps)
     step = make_ppo_step(run, source, updater, rewards.score_rollout, PPOSettings.from_args(args))
     state = TrainState()
     for _ in range(2):

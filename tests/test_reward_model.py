@@ -12,7 +12,8 @@ from conftest import ADAPTER_FILES, assert_trained_lora, first_lines, free_port,
 from dataset.formats import load_pairs
 from eval_align import rm_pair_accuracy
 from model.reward_model import RewardModel
-from model.value_head import HEAD_FILE, ValueHeadModel, last_token_index
+from model.logprobs import last_token_index
+from model.value_head import HEAD_FILE, ValueHeadModel
 from train_reward import main, parse_args
 from core.errors import UserError
 
@@ -145,3 +146,12 @@ def test_eval_align_reports_rm_pair_acc(tmp_path, small_pairs, tiny_dir, cli):
     assert rm_acc == round(pair_by_pair_accuracy(RewardModel.load(out), load_pairs(small_pairs)), 4)
     code, _, err = cli("train_reward.py", "--center_rewards", "-1", "--device", "cpu", "--save_dir", str(tmp_path / "o"))
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: --center_rewards must be")
+
+
+def test_evaluation_a_reward_model_cannot_take_stops_before_any_model(tmp_path, small_pairs, tiny_dir):
+    prompts = first_lines("dataset/heldout_rl.jsonl", 4, tmp_path)
+    with pytest.raises(UserError, match="a reward model scores preference pairs, not prompts"):
+        main(args_for(tmp_path, small_pairs, tiny_dir, "--eval_data", prompts))
+    with pytest.raises(UserError, match="--eval_reward_model compares a language model's answers; a reward model"):
+        main(args_for(tmp_path, small_pairs, tiny_dir, "--eval_data", small_pairs, "--eval_reward_model", str(tmp_path)))
+    assert not (tmp_path / "out").exists()

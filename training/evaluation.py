@@ -22,13 +22,12 @@ import torch
 from core.errors import UserError
 from core.runtime import print0, to_device
 from dataset.answers import AnswerCheck
-from dataset.batches import collate_pairs, pair_rows, pad_with_mask
+from dataset.batches import collate_pairs, pad_with_mask, pair_rows
 from dataset.encoding import encode_pairs, encode_prompt, stop_ids
 from dataset.formats import load_pairs, load_prompts, read_jsonl
-from model.logprobs import model_sequence_logprobs
+from model.logprobs import last_token_values, model_sequence_logprobs
 from model.lora import adapters_disabled
 from model.reward_model import RewardModel
-from model.value_head import last_token_values
 
 PAIR_METRICS = ("pair_acc", "reward_margin")
 ANSWER_METRICS = ("answer_acc", "mean_len")
@@ -204,9 +203,7 @@ def tie_margin_problems(args) -> list[str]:
 
 def eval_kind(path: str) -> str:
     """"pairs" or "prompts": what the first line of a held-out file holds."""
-    rows = read_jsonl(path)
-    if not rows:
-        raise UserError(f"--eval_data {path}: the file is empty")
+    rows = read_jsonl(path)                     # a missing or empty file stops here, with its reason
     return "pairs" if {"chosen", "rejected"} <= set(rows[0][1]) else "prompts"
 
 
@@ -276,15 +273,11 @@ class TrainingEval:
         else:
             self.items = load_prompts(args.eval_data)[rank::world]
         self.value_model = getattr(run.base_model, "is_reward_model", False)     # scores pairs by its values
-        if self.kind == "prompts" and self.value_model:
-            raise UserError(f"--eval_data {args.eval_data}: a reward model scores preference pairs, not prompts")
         self.metric = args.best_metric or ("pair_acc" if self.kind == "pairs" else "answer_acc")
         self.check = AnswerCheck(getattr(args, "answer_check", None))
         self.best_stem = f"{args.save_weight}_best"
         self.reward_model, self.start = None, None
         if getattr(args, "eval_reward_model", None):
-            if self.value_model:
-                raise UserError("--eval_reward_model compares a language model's answers; a reward model has none")
             self.reward_model = RewardModel.load(args.eval_reward_model, device=run.device, save_dir=args.save_dir,
                                                  batch_size=max(1, args.batch_size))
 

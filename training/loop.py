@@ -38,7 +38,8 @@ def cosine_lr(step: int, total_steps: int, lr: float) -> float:
 
 
 def adamw(params, learning_rate: float) -> torch.optim.AdamW:
-    """The optimizer of every script: AdamW without weight decay over ``params``."""
+    """The optimizer of every script: AdamW without weight decay over ``params`` (tensors, or
+    parameter groups, e.g. with a ``peak_lr`` of their own)."""
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
 
 
@@ -48,24 +49,19 @@ class Updater:
     when a loss or a gradient since the last step was not finite.
 
     optimizers: one optimizer, or {name: optimizer} over disjoint parameters (PPO's policy and
-    critic), each scheduled from its groups' ``peak_lr`` (default: the run's --learning_rate).
+    critic), each scheduled from its groups' ``peak_lr`` (default: ``learning_rate``).
     accumulation_steps: the micro-batches one step's loss is cut into (the router loss of each
     is divided by it, as MiniMind's (loss + aux) / accumulation_steps).
     """
 
-    def __init__(self, run: Run, optimizers, grad_clip: float, accumulation_steps: int = 1):
+    def __init__(self, run: Run, optimizers, learning_rate: float, grad_clip: float, accumulation_steps: int = 1):
         self.run, self.grad_clip, self.accumulation_steps = run, grad_clip, accumulation_steps
         self.optimizers = dict(optimizers) if isinstance(optimizers, dict) else {"": optimizers}
-        self.learning_rate = run.args.learning_rate
+        self.learning_rate = learning_rate
         self.scaler = grad_scaler(run.device, run.dtype)
         self.skipped = 0            # optimizer steps skipped for a non-finite loss or gradients
         self.aux_values = []        # the router losses since the last log line
         self._losses_finite = None  # whether every loss since the last optimizer step was finite
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The first (or only) optimizer."""
-        return next(iter(self.optimizers.values()))
 
     def set_learning_rates(self, step: int, schedule_steps: int) -> dict[str, float]:
         """Every group's learning rate at ``step`` of a cosine schedule over ``schedule_steps``
@@ -176,7 +172,8 @@ def adamw_updater(run: Run) -> Updater:
     """AdamW over the run's trainable parameters at --learning_rate, clipped at --grad_clip, each
     step's loss cut into --accumulation_steps pieces."""
     args = run.args
-    return Updater(run, adamw(run.trainable_parameters(), args.learning_rate), args.grad_clip, args.accumulation_steps)
+    return Updater(run, adamw(run.trainable_parameters(), args.learning_rate), args.learning_rate, args.grad_clip,
+                   args.accumulation_steps)
 
 
 def supervised_job(run: Run, order: DataOrder, micro_step, desc: str, extra_meta: dict | None = None,
